@@ -1,0 +1,159 @@
+"""data.py: PyAV reading by timestamps, writing, dataset layouts, reference pairing, bad-clip
+handling and the latent/text cache. Videos are tiny synthetic mp4s whose brightness encodes the
+frame index. Run: pytest -q tests/test_data.py"""
+import json
+import logging
+import os
+
+import av
+import pytest
+import torch
+
+import data
+
+H, W = 64, 96
+
+
+def ramp(n, h=H, w=W, step=3, offset=10):
+    """Frame i has brightness (offset + step*i)/255 with a dark left eighth, so resizing is visible too."""
+    v = torch.stack([torch.full((3, h, w), (offset + step * i) / 255) for i in range(n)])
+    v[..., : w // 8] *= 0.5
+    return v
+
+
+def frame_ids(video, table):
+    """Map each read frame to the source frame whose mean brightness is nearest."""
+    m = video.mean((1, 2, 3))
+    return (m[:, None] - table[None]).abs().argmin(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def clips_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    for cat, names in {"zoom": ["a1", "a2", "a3"], "pan": ["b1", "b2"], "melt": ["c1"]}.items():
+        (root / cat).mkdir()
+        for k, n in enumerate(names):
+            data.write_video(root / cat / f"{n}.mp4", ramp(20, offset=10 + 7 * k), fps=8)
+            (root / cat / f"{n}.txt").write_text(f"a {cat} video {n}\n")
+    data.write_video(root / "pan" / "short.mp4", ramp(5), fps=8)
+    (root / "zoom" / "corrupt.mp4").write_bytes(os.urandom(4000))
+    return root
+
+
+def test_write_video_roundtrip(tmp_path):
+    p = data.write_video(tmp_path / "x.mp4", ramp(20), fps=8)
+    assert sorted(os.listdir(tmp_path)) == ["x.mp4"]  # no temporary file left behind
+    with av.open(str(p)) as c:
+        s = c.streams.video[0]
+        frames = list(c.decode(s))
+        assert (s.codec_context.name, s.average_rate, frames[0].format.name) == ("h264", 8, "yuv420p")
+    assert (len(frames), frames[0].height, frames[0].width) == (20, H, W)
+    v = data.read_video(p, frames=20, fps=8, height=H, width=W)
+    assert v.shape == (20, 3, H, W) and v.min() >= -1 and v.max() <= 1
+    assert ((v + 1) / 2 - ramp(20)).abs().mean() < 0.02
+    # odd sizes are padded to even ones (yuv420p)
+    with av.open(str(data.write_video(tmp_path / "odd.mp4", ramp(2, 63, 95)))) as c:
+        f = next(c.decode(video=0))
+    assert (f.height, f.width) == (64, 96)
+
+
+def test_timestamp_sampling(tmp_path):
+    p = data.write_video(tmp_path / "a24.mp4", ramp(72), fps=24)  # 3 s at 24 fps
+    table = data.read_video(p, frames=72, fps=24, height=H, width=W).mean((1, 2, 3))
+    assert table.diff().min() > 0  # every source frame is distinct and decoded in order
+    assert frame_ids(data.read_video(p, frames=24, fps=8, height=H, width=W), table) == list(range(0, 72, 3))
+    p8 = data.write_video(tmp_path / "a8.mp4", ramp(20), fps=8)
+    table = data.read_video(p8, frames=20, fps=8, height=H, width=W).mean((1, 2, 3))
+    assert frame_ids(data.read_video(p8, frames=10, fps=4, height=H, width=W), table) == list(range(0, 20, 2))
+    # upsampling in time holds each source frame: 16 fps from 8 fps repeats each frame twice
+    assert frame_ids(data.read_video(p8, frames=40, fps=16, height=H, width=W), table) == [i // 2 for i in range(40)]
+    # 20 frames at 24 fps = 0.833 s -> at 8 fps, frames at 0, 1/8, ..., 6/8 s
+    p = data.write_video(tmp_path / "b24.mp4", ramp(20), fps=24)
+    table = data.read_video(p, frames=20, fps=24, height=H, width=W).mean((1, 2, 3))
+    assert frame_ids(data.read_video(p, frames=7, fps=8, height=H, width=W), table) == [0, 3, 6, 9, 12, 15, 18]
+
+
+def test_resize_cover_crop(tmp_path):
+    p = data.write_video(tmp_path / "x.mp4", ramp(9), fps=8)
+    v = data.read_video(p, frames=9, fps=8, height=32, width=32)  # 64x96 -> 32x48 -> centre 32x32
+    assert v.shape == (9, 3, 32, 32)
+    assert (v[:, :, :, 0] - v[:, :, :, -1]).abs().max() < 0.05  # the dark quarter was cropped away
+    v = data.read_video(p, frames=9, fps=8, height=128, width=128)  # upscale to cover 128x192, crop
+    assert v.shape == (9, 3, 128, 128)
+    img = tmp_path / "x.png"
+    with av.open(str(img), "w") as c:
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = W, H, "rgb24"
+        arr = (ramp(1)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        c.mux(s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        c.mux(s.encode(None))
+    x = data.read_image(img, H, W)
+    assert x.shape == (3, H, W) and ((x + 1) / 2 - ramp(1)[0]).abs().max() < 1e-5
+    assert data.read_image(img, 32, 32).shape == (3, 32, 32)
+
+
+def test_bad_videos(clips_dir, tmp_path):
+    with pytest.raises(data.VideoError, match=r"short\.mp4: too short: .* 5 frames at 8 fps, needs 9"):
+        data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W)
+    v, n = data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W, allow_short=True)
+    assert v.shape[0] == 9 and n == 5 and torch.equal(v[4], v[8])
+    with pytest.raises(data.VideoError, match=r"corrupt\.mp4: cannot open"):
+        data.read_video(clips_dir / "zoom" / "corrupt.mp4")
+    with pytest.raises(data.VideoError, match=r"nope\.mp4: no such file"):
+        data.read_video(tmp_path / "nope.mp4")
+    (tmp_path / "t.mp4").write_bytes((clips_dir / "zoom" / "a1.mp4").read_bytes()[:1500])  # truncated
+    with pytest.raises(data.VideoError, match=r"t\.mp4"):
+        data.read_video(tmp_path / "t.mp4", frames=9, fps=8, height=H, width=W)
+
+
+def test_layouts(clips_dir):
+    clips = data.scan(clips_dir)
+    assert len(clips) == 8 and {c.category for c in clips} == {"zoom", "pan", "melt"}
+    a1 = next(c for c in clips if c.path.endswith("a1.mp4"))
+    assert a1.caption == "a zoom video a1" and a1.category == "zoom"
+    rows = [{"video": os.path.relpath(c.path, clips_dir), "caption": c.caption, "category": c.category} for c in clips]
+    (clips_dir / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (clips_dir / "m.csv").write_text("video,caption,category\n" + "".join(
+        f'{r["video"]},"{r["caption"]}",{r["category"]}\n' for r in rows))
+    assert data.scan(clips_dir / "m.jsonl") == clips
+    assert data.scan(clips_dir / "m.csv") == clips
+    (clips_dir / "m2.jsonl").write_text('{"video": "x.mp4"}\n')
+    with pytest.raises(ValueError, match="row 1 needs 'video' and 'category'"):
+        data.scan(clips_dir / "m2.jsonl")
+    with pytest.raises(FileNotFoundError):
+        data.scan(clips_dir / "missing")
+
+
+def test_pairing(clips_dir, caplog):
+    clips = data.scan(clips_dir)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, seed=3)
+    assert [r.message for r in caplog.records] == [
+        "warning: 1 categories have a single clip, which is its own reference: melt"]
+    refs = {e: [data.pair(clips, i, 3, e, ds.groups) for i in range(len(clips))] for e in range(4)}
+    assert refs[0] == [data.pair(clips, i, 3, 0, ds.groups) for i in range(len(clips))]  # reproducible
+    assert len({tuple(r) for r in refs.values()}) > 1  # changes with the epoch
+    for r in refs.values():
+        for i, j in enumerate(r):
+            assert clips[j].category == clips[i].category
+            assert (j == i) == (clips[i].category == "melt")
+
+
+def test_dataset_skips_bad(clips_dir, tmp_path, caplog):
+    clips = data.scan(clips_dir)
+    ds = data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, seed=0, run_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            batches = [b for b in loader if b is not None]
+    b = batches[0]
+    assert b["video"].shape[1:] == (9, 3, H, W) and b["ref"].shape == b["video"].shape
+    assert len(b["caption"]) == len(b["index"]) == b["video"].shape[0]
+    bad = ds.bad_clips()
+    assert sorted(os.path.basename(p) for p in bad) == ["corrupt.mp4", "short.mp4"]
+    assert "too short" in bad[str(clips_dir / "pan" / "short.mp4")]
+    lines = (tmp_path / "bad_clips.txt").read_text().splitlines()
+    assert len(lines) == 2 and len([r for r in caplog.records if "skipping" in r.message]) == 2
+    good = {i for b in batches for i in b["index"].tolist()}
+    assert good <= {i for i, c in enumerate(clips) if os.path.basename(c.path) not in ("corrupt.mp4", "short.mp4")}

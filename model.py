@@ -91,3 +91,360 @@ def check_and_load(module, sd, dtype=None, device=None):
         sd[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
     module.load_state_dict(sd, strict=True, assign=True)
     return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT config
+
+@dataclass
+class DiTConfig:
+    """transformer/config.json; defaults are diffusers' defaults, so an omitted key means the same here."""
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    ofs_embed_dim: int | None = None
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    dropout: float = 0.0
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    patch_size_t: int | None = None
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+
+    @property
+    def inner_dim(self):
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_frames(self):  # sample_frames counts pixel frames
+        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    def __post_init__(self):
+        wanted = dict(activation_fn="gelu-approximate", timestep_activation_fn="silu", patch_size=2,
+                      flip_sin_to_cos=True, freq_shift=0, norm_elementwise_affine=True, attention_bias=True,
+                      dropout=0.0)
+        bad = [f"{k}={getattr(self, k)!r} (we support {v!r})" for k, v in wanted.items() if getattr(self, k) != v]
+        if self.patch_size_t not in (None, 2):
+            bad.append(f"patch_size_t={self.patch_size_t!r} (we support null or 2)")
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            bad.append("learned positional embeddings without RoPE (no such checkpoint)")
+        if self.ofs_embed_dim and self.ofs_embed_dim != self.time_embed_dim:
+            bad.append(f"ofs_embed_dim={self.ofs_embed_dim} != time_embed_dim={self.time_embed_dim}")
+        if self.attention_head_dim % 16 or self.inner_dim % 16:
+            bad.append(f"attention_head_dim={self.attention_head_dim} (the 3-D RoPE/sin-cos split needs multiples of 16)")
+        if bad:
+            raise ValueError("unsupported CogVideoX transformer config: " + "; ".join(bad))
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})  # _class_name, _diffusers_version, ... ignored
+
+
+_COMMON = dict(attention_head_dim=64, out_channels=16, text_embed_dim=4096, time_embed_dim=512)
+DIT_PRESETS = {
+    "2b": dict(_COMMON, num_attention_heads=30, num_layers=30, in_channels=16),
+    "5b": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=16,
+               use_rotary_positional_embeddings=True),
+    "5b-i2v": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=32,
+                   use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
+    "1.5-5b": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=16, patch_size_t=2,
+                   patch_bias=False, sample_frames=81, sample_height=96, sample_width=170,
+                   use_rotary_positional_embeddings=True),
+    "1.5-5b-i2v": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=32, patch_size_t=2,
+                       patch_bias=False, ofs_embed_dim=512, sample_frames=81, sample_height=300,
+                       sample_width=300, use_rotary_positional_embeddings=True),
+    # = tests/conftest.py TINY_DIT_I2V: latents [B, 3, 8, 8, 12]
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
+                 text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
+                 use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT maths
+
+def lora_linear(layer, x, ab=None):
+    """layer(x), plus x[b] @ down[b] @ up[b] when ab = (down [B|1, d_in, r], up [B|1, r, d_out]).
+    With ab None this is exactly F.linear (the base model's bits)."""
+    y = F.linear(x, layer.weight, layer.bias)
+    if ab is None:
+        return y
+    down, up = ab[0].to(x.dtype), ab[1].to(x.dtype)
+    if x.dim() == 2:
+        return lora_linear(layer, x[:, None], ab)[:, 0]
+    xd = torch.matmul(x, down)  # [B, N, r]; broadcasts a batch-1 down over the batch
+    return torch.baddbmm(y, xd, up.expand(xd.shape[0], -1, -1))
+
+
+def timestep_sinusoid(t, dim):
+    """diffusers' Timesteps(flip_sin_to_cos=True, shift=0) in float32: [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.cos(), a.sin()], dim=-1)
+
+
+def _sincos_1d(d, pos):
+    omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=pos.device) / (d / 2))
+    a = pos.double()[:, None] * omega[None]
+    return torch.cat([a.sin(), a.cos()], dim=-1)
+
+
+def sincos_3d(dim, f, h, w, s_spatial, s_temporal, device=None):
+    """CogVideoX-2b's fixed table [f*h*w, dim] (float64), tokens (f, h, w); channel blocks are
+    temporal (dim/4) | width (3dim/8) | height (3dim/8), the order diffusers produces."""
+    ds = 3 * dim // 4
+    pt = torch.arange(f, dtype=torch.float32, device=device) / s_temporal
+    ph = torch.arange(h, dtype=torch.float32, device=device) / s_spatial
+    pw = torch.arange(w, dtype=torch.float32, device=device) / s_spatial
+    et, eh, ew = _sincos_1d(dim // 4, pt), _sincos_1d(ds // 2, ph), _sincos_1d(ds // 2, pw)
+    return torch.cat([et[:, None, None].expand(f, h, w, -1), ew[None, None].expand(f, h, w, -1),
+                      eh[None, :, None].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, dim)
+
+
+def _rope_1d(d, pos):
+    theta = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=pos.device) / d))
+    a = torch.outer(pos, theta)
+    return a.cos().repeat_interleave(2, dim=1), a.sin().repeat_interleave(2, dim=1)
+
+
+def rope_3d(cfg, f, h, w, device=None):
+    """(cos, sin), each [f*h*w, head_dim] float32, for a latent patch grid f x h x w (spec §3.5).
+    1.0 models place the grid on the sample_height/width grid by diffusers' resize-crop + linspace;
+    1.5 models use plain integer positions up to sample_height/width // 2."""
+    p, hd = cfg.patch_size, cfg.attention_head_dim
+    bh, bw = cfg.sample_height // p, cfg.sample_width // p
+    if cfg.patch_size_t is None:
+        if h / w > bh / bw:
+            rh, rw = bh, int(round(bh / h * w))
+        else:
+            rw, rh = bw, int(round(bw / w * h))
+        top, left = int(round((bh - rh) / 2.0)), int(round((bw - rw) / 2.0))
+        lin = lambda a, b, n: torch.linspace(a, b, n, dtype=torch.float32, device=device)
+        pos_h, pos_w = lin(top, (top + rh) * (h - 1) / h, h), lin(left, (left + rw) * (w - 1) / w, w)
+        pos_t = lin(0, f * (f - 1) / f, f)
+    else:
+        if h > bh or w > bw:
+            raise ValueError(f"latent patch grid {h}x{w} exceeds this checkpoint's RoPE grid {bh}x{bw} "
+                             f"(config sample_height/width {cfg.sample_height}/{cfg.sample_width}): use latents "
+                             f"of at most {bh * p}x{bw * p} (pixels {bh * p * 8}x{bw * p * 8})")
+        pos_t, pos_h, pos_w = (torch.arange(n, dtype=torch.float32, device=device) for n in (f, h, w))
+    (ct, st), (ch, sh), (cw, sw) = _rope_1d(hd // 4, pos_t), _rope_1d(hd // 8 * 3, pos_h), _rope_1d(hd // 8 * 3, pos_w)
+    grid = lambda t_, h_, w_: torch.cat([t_[:, None, None].expand(f, h, w, -1), h_[None, :, None].expand(f, h, w, -1),
+                                         w_[None, None].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, hd)
+    return grid(ct, ch, cw), grid(st, sh, sw)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, N, heads, hd]; cos/sin [N, 1, hd] fp32. Pairs (2j, 2j+1) rotate; done in fp32 and cast
+    back like diffusers (spec §9)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT modules (attribute names = checkpoint keys)
+
+class TimestepMLP(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D, p = cfg.inner_dim, cfg.patch_size
+        if cfg.patch_size_t is None:  # 1.0: per-frame conv
+            self.proj = nn.Conv2d(cfg.in_channels, D, p, stride=p, bias=cfg.patch_bias)
+        else:  # 1.5: linear over (c, t, h, w) patches; has a bias whatever patch_bias says
+            self.proj = nn.Linear(cfg.in_channels * cfg.patch_size_t * p * p, D)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, D)
+        if cfg.use_learned_positional_embeddings:
+            n = cfg.latent_frames * (cfg.sample_height // p) * (cfg.sample_width // p)
+            self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + n, D))
+
+    def forward(self, x):  # x [B, F, C, H, W] -> [B, N, D], tokens (f, h, w)
+        B, Fr, C, H, W = x.shape
+        if isinstance(self.proj, nn.Conv2d):
+            y = self.proj(x.reshape(B * Fr, C, H, W))  # [B*F, D, H/2, W/2]
+            return y.flatten(2).transpose(1, 2).reshape(B, -1, y.shape[1])
+        x = x.view(B, Fr // 2, 2, C, H // 2, 2, W // 2, 2)  # [B, F/2, o, C, H/2, i, W/2, j]
+        x = x.permute(0, 1, 4, 6, 3, 2, 5, 7).reshape(B, -1, C * 8)  # features (c, o, i, j)
+        return self.proj(x)
+
+
+class AdaNorm(nn.Module):  # norm1 / norm2: LayerNorm + a Linear giving 6 modulation vectors
+    def __init__(self, cfg, n):
+        super().__init__()
+        self.linear = nn.Linear(cfg.time_embed_dim, n * cfg.inner_dim)
+        self.norm = nn.LayerNorm(cfg.inner_dim, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D, hd = cfg.inner_dim, cfg.attention_head_dim
+        self.norm_q, self.norm_k = nn.LayerNorm(hd, eps=1e-6), nn.LayerNorm(hd, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.to_out = nn.ModuleList([nn.Linear(D, D)])
+
+
+class GELUProj(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+
+class FeedForward(nn.Module):  # ff.net.0.proj -> GELU(tanh) -> ff.net.2 (net.1 is a dropout in diffusers)
+    def __init__(self, D):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(D, 4 * D), nn.Identity(), nn.Linear(4 * D, D)])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, prefix):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.norm1, self.attn1 = AdaNorm(cfg, 6), Attention(cfg)
+        self.norm2, self.ff = AdaNorm(cfg, 6), FeedForward(cfg.inner_dim)
+        # full Linear names, the keys of the lora dict
+        self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
+                                              "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
+
+    def forward(self, x, c, temb, rope, lora):
+        """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]."""
+        ab = (lambda k: None) if lora is None else (lambda k: lora.get(self.names[k]))
+        B, L, D = c.shape
+        a = self.attn1
+        sh, sc, g, csh, csc, cg = lora_linear(self.norm1.linear, temb, ab("norm1.linear")).chunk(6, dim=1)
+        h = torch.cat([modulate(self.norm1.norm(c), csh, csc), modulate(self.norm1.norm(x), sh, sc)], dim=1)
+        S = h.shape[1]
+        # per-head LayerNorm and RoPE act on [B, S, heads, hd]; the transpose for SDPA is a view
+        q = a.norm_q(lora_linear(a.to_q, h, ab("attn1.to_q")).view(B, S, self.heads, -1))
+        k = a.norm_k(lora_linear(a.to_k, h, ab("attn1.to_k")).view(B, S, self.heads, -1))
+        v = lora_linear(a.to_v, h, ab("attn1.to_v")).view(B, S, self.heads, -1)
+        if rope is not None:  # video tokens only
+            q = torch.cat([q[:, :L], apply_rope(q[:, L:], *rope)], dim=1)
+            k = torch.cat([k[:, :L], apply_rope(k[:, L:], *rope)], dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = lora_linear(a.to_out[0], o.transpose(1, 2).reshape(B, S, D), ab("attn1.to_out.0"))
+        x = x + g[:, None] * o[:, L:]
+        c = c + cg[:, None] * o[:, :L]
+
+        sh, sc, g, csh, csc, cg = lora_linear(self.norm2.linear, temb, ab("norm2.linear")).chunk(6, dim=1)
+        h = torch.cat([modulate(self.norm2.norm(c), csh, csc), modulate(self.norm2.norm(x), sh, sc)], dim=1)
+        h = F.gelu(lora_linear(self.ff.net[0].proj, h, ab("ff.net.0.proj")), approximate="tanh")
+        h = lora_linear(self.ff.net[2], h, ab("ff.net.2"))
+        return x + g[:, None] * h[:, L:], c + cg[:, None] * h[:, :L]
+
+
+class DiT(nn.Module):
+    """CogVideoXTransformer3DModel: forward(x [B,F,C,H,W], text [B,L,D_text], t [B], ofs=None, lora=None)
+    -> v-prediction [B,F,out_channels,H,W]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        D = cfg.inner_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embedding = TimestepMLP(D, cfg.time_embed_dim)
+        if cfg.ofs_embed_dim:
+            self.ofs_embedding = TimestepMLP(cfg.ofs_embed_dim, cfg.ofs_embed_dim)
+        self.transformer_blocks = nn.ModuleList(Block(cfg, f"transformer_blocks.{i}.") for i in range(cfg.num_layers))
+        self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm_out = AdaNorm(cfg, 2)
+        self.proj_out = nn.Linear(D, cfg.out_channels * cfg.patch_size ** 2 * (cfg.patch_size_t or 1))
+
+    def _check(self, x, text):
+        cfg, p = self.config, self.config.patch_size
+        if x.dim() != 5 or x.shape[2] != cfg.in_channels or x.shape[3] % p or x.shape[4] % p:
+            raise ValueError(f"DiT wants latents [B, F, {cfg.in_channels}, H, W] with H, W multiples of {p}; "
+                             f"got {list(x.shape)}")
+        if text.dim() != 3 or text.shape[-1] != cfg.text_embed_dim:
+            raise ValueError(f"DiT wants text embeddings [B, L, {cfg.text_embed_dim}]; got {list(text.shape)}")
+        if cfg.patch_size_t and x.shape[1] % cfg.patch_size_t:
+            raise ValueError(f"CogVideoX 1.5 needs an even number of latent frames (patch_size_t=2); got "
+                             f"{x.shape[1]}. The diffusers pipeline pads one latent frame in front and drops it after.")
+        if not cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings:
+            if text.shape[1] != cfg.max_text_seq_length:  # the absolute table has that many text rows
+                raise ValueError(f"this model's positional table needs exactly {cfg.max_text_seq_length} text tokens; "
+                                 f"got {text.shape[1]}")
+        if cfg.use_learned_positional_embeddings and tuple(x.shape[1:2] + x.shape[3:]) != (
+                cfg.latent_frames, cfg.sample_height, cfg.sample_width):
+            # diffusers silently swaps in the sin-cos table at other frame counts (garbage, CogVideo #517)
+            raise ValueError(
+                f"this checkpoint's learned positional embedding only serves latents of F x H x W = "
+                f"{cfg.latent_frames} x {cfg.sample_height} x {cfg.sample_width} ({cfg.sample_frames} frames at "
+                f"{cfg.sample_height * 8}x{cfg.sample_width * 8} pixels); got {x.shape[1]} x {x.shape[3]} x {x.shape[4]}")
+
+    def forward(self, x, text, t, ofs=None, lora=None):
+        self._check(x, text)
+        cfg, p = self.config, self.config.patch_size
+        B, Fr, _, H, W = x.shape
+        dt = x.dtype
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        temb = self.time_embedding(timestep_sinusoid(t, cfg.inner_dim).to(dt))
+        if cfg.ofs_embed_dim:
+            ofs = torch.full((1,), 2.0, device=x.device) if ofs is None else torch.as_tensor(ofs, device=x.device)
+            temb = temb + self.ofs_embedding(timestep_sinusoid(ofs.reshape(-1), cfg.ofs_embed_dim).to(dt))
+        temb = F.silu(temb)  # every consumer (norm1/norm2/norm_out) applies SiLU first
+
+        c, v = self.patch_embed.text_proj(text), self.patch_embed(x)
+        f, h, w = Fr // (cfg.patch_size_t or 1), H // p, W // p
+        L = c.shape[1]
+        if cfg.use_learned_positional_embeddings:
+            pe = self.patch_embed.pos_embedding.to(dt)
+            c, v = c + pe[:, :L], v + pe[:, L:]
+        elif not cfg.use_rotary_positional_embeddings:
+            v = v + sincos_3d(cfg.inner_dim, f, h, w, cfg.spatial_interpolation_scale,
+                              cfg.temporal_interpolation_scale, x.device).to(dt)
+        rope = None
+        if cfg.use_rotary_positional_embeddings:
+            rope = tuple(r[:, None] for r in rope_3d(cfg, f, h, w, x.device))  # [N, 1, hd]
+
+        for block in self.transformer_blocks:
+            v, c = block(v, c, temb, rope, lora)
+
+        shift, scale = self.norm_out.linear(temb).chunk(2, dim=1)  # shift first (diffusers' AdaLayerNorm)
+        v = self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
+        C = cfg.out_channels
+        if cfg.patch_size_t is None:
+            v = v.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
+        else:
+            v = v.view(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
+        return v.reshape(B, Fr, C, H, W)
+
+
+def load_dit(path, dtype=torch.float32, device="cpu"):
+    """DiT from an official `transformer/` folder (config.json + safetensors, single or sharded)."""
+    cfg = DiTConfig.from_dict(read_config(path))
+    with torch.device("meta"):
+        dit = DiT(cfg)
+    return check_and_load(dit, read_state_dict(path), dtype, device).eval().requires_grad_(False)

@@ -32,16 +32,19 @@ class VideoError(Exception):
 
 
 def _cover_crop(x, height, width):
-    """uint8 [N,h,w,3] -> float [N,3,height,width] in [-1,1]: resize the short side to cover, centre-crop."""
-    x = x.permute(0, 3, 1, 2).float()
+    """uint8 [N,h,w,3] -> uint8 [N,3,height,width]: resize the short side to cover, centre-crop."""
+    x = x.permute(0, 3, 1, 2)  # a channels-last view, which is what the fast uint8 kernel wants
     h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    if (nh, nw) != (h, w):  # antialias so downscaling 1080p does not alias
+    if (nh, nw) != (h, w):  # antialias so downscaling 1080p does not alias; uint8 is ~6x faster than float
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - height) // 2, (nw - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
-    return (x / 127.5 - 1).clamp(-1, 1)
+    return x[:, :, top:top + height, left:left + width]
+
+
+def _to_float(x):  # uint8 -> [-1,1], in place after the one allocation (large fresh allocations are slow)
+    return x.float().div_(127.5).sub_(1)
 
 
 def _open(path):
@@ -95,7 +98,7 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
         for f in picked:
             if id(f) not in arrays:
                 arrays[id(f)] = _cover_crop(torch.from_numpy(f.to_ndarray(format="rgb24"))[None], height, width)[0]
-        video = torch.stack([arrays[id(f)] for f in picked])
+        video = _to_float(torch.stack([arrays[id(f)] for f in picked]))
     return (video, n_real) if allow_short else video
 
 
@@ -106,7 +109,7 @@ def read_image(path, height, width):
             f = next(c.decode(video=0))
         except (av.FFmpegError, StopIteration) as e:
             raise VideoError(f"{path}: cannot decode image ({e or 'no frames'})") from None
-        return _cover_crop(torch.from_numpy(f.to_ndarray(format="rgb24"))[None], height, width)[0]
+        return _to_float(_cover_crop(torch.from_numpy(f.to_ndarray(format="rgb24"))[None], height, width)[0])
 
 
 def write_video(path, video, fps=8, crf=18):

@@ -1,0 +1,515 @@
+"""Synthetic semantic-effects generator: procedural still images, 21 parametrised effects that turn
+an image into a clip, a dataset writer in the training layout, and motion/quality measurements.
+
+    python bench/effects.py list
+    python bench/effects.py image --seed 3 --out img.png
+    python bench/effects.py clip zoom_in --seed 1 --image-seed 3 --out ref.mp4   # or --image any.png
+    python bench/effects.py dataset --out data/fx --n 20 [--heldout] [--split test]
+
+Clips are [F,3,H,W] in [0,1] (frames first, like the DiT's B F C H W). Every effect is a deterministic
+function of (image, category, params, frames): the .json written beside each clip is its exact
+ground truth (`ground_truth(meta, image)` re-renders it, also on another image). Every effect is the
+identity at t=0 and frame 0 is a copy of the image, so frame 0 == image exactly (bit for bit).
+Effects are defined over normalised time t in [0,1], so the frame count only changes the sampling.
+Geometry works in a "unit frame": y in [-1,1] top to bottom, x in [-W/H, W/H], so circles stay round.
+Directions name how the picture content moves on screen (pan_right: content slides right, dx > 0).
+"""
+import argparse
+import json
+import math
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CATEGORIES = ["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down", "rotate",
+              "dolly_zoom", "fade_black", "fade_white", "hue_cycle", "blur_in", "pixel_dissolve",
+              "shatter", "melt", "inflate", "ripple", "spin_out", "shake", "vignette_in", "swirl"]
+# Zero-shot categories, never trained on. Each is a composition or a mirror of seen motions, so
+# transfer is possible but has to be earned: spin_out = rotate + zoom_out (+ black border);
+# dolly_zoom = zoom on the periphery with the centre held still (zoom_in/out + inflate); swirl =
+# a rotation whose angle falls off with radius (rotate + the radial warps inflate/ripple);
+# pan_up = the one pan direction not seen (pan_down/left/right are).
+HELDOUT = ["dolly_zoom", "spin_out", "swirl", "pan_up"]
+SEEN = [c for c in CATEGORIES if c not in HELDOUT]
+EASES = ["linear", "ease_in", "ease_out", "ease_in_out"]
+# Default captions never name the effect: the model has to read it from the reference video.
+# The category stays in the dataset layout (root/<category>/) and in each clip's .json.
+CAPTIONS = ["a picture", "a video of a picture", "an animated image", "a short clip of an image",
+            "a moving picture"]
+_PAN_ANGLE = {"pan_right": 0.0, "pan_down": 90.0, "pan_left": 180.0, "pan_up": 270.0}  # y points down
+
+
+def _crc(s):
+    return zlib.crc32(s.encode())
+
+
+# ---------------------------------------------------------------------------- procedural images
+_FONT = {c: rows.split("/") for c, rows in dict(
+    A=".###./#...#/#####/#...#/#...#", E="#####/#..../####./#..../#####", F="#####/#..../####./#..../#....",
+    H="#...#/#...#/#####/#...#/#...#", K="#...#/#..#./###../#..#./#...#", L="#..../#..../#..../#..../#####",
+    N="#...#/##..#/#.#.#/#..##/#...#", T="#####/..#../..#../..#../..#..", V="#...#/#...#/#...#/.#.#./..#..",
+    X="#...#/.#.#./..#../.#.#./#...#", Y="#...#/.#.#./..#../..#../..#..", Z="#####/...#./..#../.#.../#####",
+).items()}
+
+
+def _texture(rng, x, y):
+    """[H,W,3] fill: solid, stripes, checker or smooth noise blobs."""
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    kind, a = rng.integers(4), rng.uniform(0, math.pi)
+    u, v = x * math.cos(a) + y * math.sin(a), -x * math.sin(a) + y * math.cos(a)
+    period = rng.uniform(0.12, 0.4)
+    if kind == 0:
+        m = np.zeros_like(x)
+    elif kind == 1:
+        m = (u / period) % 1.0 < 0.5
+    elif kind == 2:
+        m = (np.floor(u / period) + np.floor(v / period)) % 2 == 1
+    else:  # low-res noise upsampled: soft blobs that still give phase correlation something to lock on
+        n = torch.from_numpy(rng.uniform(0, 1, (1, 3, rng.integers(3, 8), rng.integers(3, 8))).astype(np.float32))
+        return F.interpolate(n, size=x.shape, mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
+    return np.where(m[..., None], c1, c0)
+
+
+def make_image(seed, height=64, width=64):
+    """Deterministic procedural picture [3,H,W] in [0,1]: a gradient background, 4-8 textured
+    shapes (circles, rotated rectangles, triangles) and 1-2 short block-letter words."""
+    if seed < 0:
+        raise ValueError(f"image seed must be >= 0, got {seed}")
+    rng = np.random.default_rng([seed, 0x1A6E])
+    A = width / height
+    y, x = np.meshgrid((np.arange(height) * 2 + 1) / height - 1,
+                       ((np.arange(width) * 2 + 1) / width - 1) * A, indexing="ij")
+    c0, c1, a = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3), rng.uniform(0, 2 * math.pi)
+    g = np.hypot(x - rng.uniform(-1, 1), y - rng.uniform(-1, 1)) / 2 if rng.random() < 0.3 else \
+        0.5 + 0.35 * (x * math.cos(a) + y * math.sin(a))
+    img = c0 + (c1 - c0) * np.clip(g, 0, 1)[..., None]
+    for _ in range(rng.integers(4, 9)):
+        kind, cx, cy, r = rng.integers(3), rng.uniform(-A, A), rng.uniform(-1, 1), rng.uniform(0.2, 0.6)
+        if kind == 0:
+            m = np.hypot(x - cx, y - cy) < r
+        elif kind == 1:
+            b = rng.uniform(0, math.pi)
+            u, v = (x - cx) * math.cos(b) + (y - cy) * math.sin(b), -(x - cx) * math.sin(b) + (y - cy) * math.cos(b)
+            m = (np.abs(u) < r) & (np.abs(v) < r * rng.uniform(0.3, 1.0))
+        else:  # inside a triangle = on the same side of all three edges
+            px, py = cx + rng.uniform(-r, r, 3) * 1.5, cy + rng.uniform(-r, r, 3) * 1.5
+            s = [(px[(i + 1) % 3] - px[i]) * (y - py[i]) - (py[(i + 1) % 3] - py[i]) * (x - px[i]) for i in range(3)]
+            m = ((s[0] > 0) & (s[1] > 0) & (s[2] > 0)) | ((s[0] < 0) & (s[1] < 0) & (s[2] < 0))
+        img = np.where(m[..., None], _texture(rng, x, y), img)
+    cell = max(1, round(min(height, width) * rng.uniform(0.03, 0.05)))
+    letters = sorted(_FONT)
+    for _ in range(rng.integers(1, 3)):
+        word, col = rng.choice(letters, rng.integers(1, 4)), rng.uniform(0, 1, 3)
+        top, left = rng.integers(0, max(1, height - 5 * cell)), rng.integers(0, max(1, width - 6 * cell))
+        for k, ch in enumerate(word):
+            for i, row in enumerate(_FONT[ch]):
+                for j, bit in enumerate(row):
+                    if bit == "#":
+                        y0, x0 = top + i * cell, left + (6 * k + j) * cell
+                        img[y0:y0 + cell, x0:x0 + cell] = col
+    return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------- effects
+def ease(t, kind):
+    if kind == "linear":
+        return t
+    if kind == "ease_in":
+        return t * t
+    if kind == "ease_out":
+        return 1 - (1 - t) ** 2
+    if kind == "ease_in_out":
+        return t * t * (3 - 2 * t)
+    raise ValueError(f"unknown easing {kind!r}, expected one of {EASES}")
+
+
+def _center(r, spread=0.3):
+    return [r.uniform(-spread, spread), r.uniform(-spread, spread)]
+
+
+def _sign(r):
+    return float(r.choice([-1.0, 1.0]))
+
+
+# Per-category parameter distributions. Units: lengths in the unit frame (image height = 2),
+# pan distance as a fraction of the image height, angles in degrees (positive = clockwise on screen).
+_PARAMS = {
+    "zoom_in": lambda r: dict(scale=r.uniform(1.4, 2.2), center=_center(r)),
+    "zoom_out": lambda r: dict(scale=1 / r.uniform(1.4, 2.2), center=_center(r)),
+    **{k: (lambda r, k=k: dict(distance=r.uniform(0.15, 0.4), angle=_PAN_ANGLE[k] + r.uniform(-15, 15)))
+       for k in _PAN_ANGLE},
+    "rotate": lambda r: dict(angle=_sign(r) * r.uniform(30, 120), center=_center(r)),
+    "dolly_zoom": lambda r: dict(strength=_sign(r) * r.uniform(0.3, 0.6), radius=r.uniform(0.3, 0.6), center=_center(r, 0.2)),
+    "fade_black": lambda r: dict(amount=r.uniform(0.85, 1.0)),
+    "fade_white": lambda r: dict(amount=r.uniform(0.85, 1.0)),
+    "hue_cycle": lambda r: dict(angle=_sign(r) * r.uniform(120, 360)),
+    "blur_in": lambda r: dict(sigma=r.uniform(0.04, 0.1)),  # fraction of the image height
+    "pixel_dissolve": lambda r: dict(block=int(r.choice([1, 2, 4])), color=list(r.uniform(0, 0.3, 3)),
+                                     amount=r.uniform(0.85, 1.0), noise_seed=int(r.integers(2**31))),
+    "shatter": lambda r: dict(tiles=int(r.integers(3, 7)), speed=r.uniform(0.6, 1.2), spin=r.uniform(0, 90),
+                              center=_center(r), noise_seed=int(r.integers(2**31))),
+    "melt": lambda r: dict(drop=r.uniform(0.3, 0.8), columns=list(r.uniform(0.2, 1.0, int(r.integers(6, 16))))),
+    "inflate": lambda r: dict(strength=r.uniform(0.4, 0.7), radius=r.uniform(0.5, 1.0), center=_center(r)),
+    "ripple": lambda r: dict(amplitude=r.uniform(0.06, 0.14), wavelength=r.uniform(0.25, 0.5),
+                             cycles=_sign(r) * r.uniform(1, 3), center=_center(r)),
+    "spin_out": lambda r: dict(angle=_sign(r) * r.uniform(90, 360), scale=r.uniform(0.15, 0.5), center=_center(r, 0.15)),
+    "shake": lambda r: dict(amplitude=r.uniform(0.05, 0.12), freq=r.uniform(2.5, 5), phase=list(r.uniform(0, 2 * math.pi, 2))),
+    "vignette_in": lambda r: dict(radius=r.uniform(0.05, 0.4), softness=r.uniform(0.1, 0.3), center=_center(r, 0.2)),
+    "swirl": lambda r: dict(angle=_sign(r) * r.uniform(180, 360), radius=r.uniform(0.7, 1.4), center=_center(r)),
+}
+
+
+def _tidy(v):  # plain, short JSON-able numbers (the rounded values ARE the params, so no drift)
+    if isinstance(v, dict):
+        return {k: _tidy(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_tidy(x) for x in v]
+    return round(float(v), 4) if isinstance(v, (float, np.floating)) else v
+
+
+def sample_params(category, seed):
+    """Parameters of one clip of `category`, deterministic in (category, seed)."""
+    if category not in _PARAMS:
+        raise ValueError(f"unknown effect category {category!r}; known: {CATEGORIES}")
+    r = np.random.default_rng([seed, _crc(category)])
+    return _tidy(dict(_PARAMS[category](r), ease=EASES[int(r.integers(len(EASES)))]))
+
+
+def _rot(x, y, deg):
+    a = deg * (math.pi / 180)
+    return x * torch.cos(a) - y * torch.sin(a), x * torch.sin(a) + y * torch.cos(a)
+
+
+def _warp(img, xs, ys, A, padding="reflection"):
+    """Sample img at unit-frame source coordinates xs, ys (broadcast to [F,H,W]) -> [F,3,H,W]."""
+    xs, ys = torch.broadcast_tensors(xs, ys)
+    grid = torch.stack([xs / A, ys], -1)
+    return F.grid_sample(img.expand(len(grid), -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
+                         align_corners=False)
+
+
+def _radial(img, p, s, x, y, A, factor, padding="reflection"):
+    """Warp with source = centre + (p - centre) * factor(r)."""
+    cx, cy = p["center"]
+    k = factor(torch.hypot(x - cx, y - cy))
+    return _warp(img, cx + (x - cx) * k, cy + (y - cy) * k, A, padding)
+
+
+def _spin(img, p, s, x, y, A, scale, padding):
+    cx, cy = p["center"]
+    xr, yr = _rot(x - cx, y - cy, -p["angle"] * s)
+    return _warp(img, cx + xr / scale, cy + yr / scale, A, padding)
+
+
+def _blur(img, sigma):
+    if sigma < 1e-3:
+        return img
+    r = int(math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=img.dtype) / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
+    out = F.pad(img[None], (r, r, 0, 0), mode="replicate")
+    out = F.conv2d(out, k, groups=3)
+    out = F.pad(out, (0, 0, r, r), mode="replicate")
+    return F.conv2d(out, k.transpose(2, 3), groups=3)[0]
+
+
+def _shatter(img, p, s, x, y, A):
+    """Tiles fly outward from the centre, each with its own speed jitter and spin, over black."""
+    H, W = img.shape[1:]
+    n, (cx, cy) = p["tiles"], p["center"]
+    r = np.random.default_rng(p["noise_seed"])
+    out = torch.zeros(len(s), 3, H, W)
+    for i in range(n):
+        for j in range(n):  # tile (i,j) spans the unit-frame box [x0,x1] x [y0,y1]
+            x0, x1, y0, y1 = A * (2 * j / n - 1), A * (2 * (j + 1) / n - 1), 2 * i / n - 1, 2 * (i + 1) / n - 1
+            tx, ty = (x0 + x1) / 2, (y0 + y1) / 2
+            v = np.array([tx - cx, ty - cy]) + r.normal(0, 0.3, 2)
+            v = v / (np.linalg.norm(v) + 1e-6) * p["speed"] * r.uniform(0.6, 1.4)
+            xr, yr = _rot(x - tx - s * v[0], y - ty - s * v[1], -p["spin"] * r.uniform(-1, 1) * s)
+            xs, ys = torch.broadcast_tensors(tx + xr, ty + yr)
+            inside = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))[:, None]
+            out = torch.where(inside, _warp(img, xs, ys, A, "border"), out)
+    return out
+
+
+def _dissolve(img, p, s):
+    H, W, b = *img.shape[1:], p["block"]
+    u = np.random.default_rng(p["noise_seed"]).uniform(0, 1, (-(-H // b), -(-W // b)))
+    u = torch.from_numpy(u).float().repeat_interleave(b, 0).repeat_interleave(b, 1)[:H, :W]
+    gone = (u < p["amount"] * s)[:, None]  # [F,1,H,W]; strict < so nothing goes at s = 0
+    return torch.where(gone, torch.tensor(p["color"]).view(1, 3, 1, 1), img)
+
+
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue(img, p, s):  # rotating the chroma plane of YIQ turns the hue wheel, luma untouched
+    yiq = torch.einsum("ij,jhw->ihw", _YIQ, img)
+    i, q = _rot(yiq[1], yiq[2], p["angle"] * s)
+    return torch.einsum("ij,fjhw->fihw", torch.linalg.inv(_YIQ), torch.stack([yiq[0].expand_as(i), i, q], 1))
+
+
+def _melt(img, p, s, x, y, A):
+    knots = np.asarray(p["columns"])
+    d = np.interp(np.linspace(0, 1, x.shape[-1]), np.linspace(0, 1, len(knots)), knots)
+    # border padding: the top row stretches down behind the dripping columns
+    return _warp(img, x, y - s * 2 * p["drop"] * torch.from_numpy(d).float(), A, "border")
+
+
+def _vignette(img, p, s, x, y, A):
+    cx, cy = p["center"]
+    r, soft = torch.hypot(x - cx, y - cy), p["softness"]
+    start = math.hypot(A + abs(cx), 1 + abs(cy)) + soft  # fully open at s = 0
+    return img * ((start + (p["radius"] - start) * s - r) / soft).clamp(0, 1)[:, None]
+
+
+def _effect(img, c, p, s, t, x, y, A):
+    if c in ("zoom_in", "zoom_out"):
+        return _spin(img, dict(p, angle=0.0), s, x, y, A, p["scale"] ** s, "reflection")
+    if c in _PAN_ANGLE:
+        a, d = math.radians(p["angle"]), 2 * p["distance"]
+        return _warp(img, x - s * d * math.cos(a), y - s * d * math.sin(a), A)
+    if c == "rotate":
+        return _spin(img, p, s, x, y, A, 1.0, "reflection")
+    if c == "spin_out":
+        return _spin(img, p, s, x, y, A, p["scale"] ** s, "zeros")
+    if c == "dolly_zoom":  # factor < 1 outside `radius` magnifies the periphery, centre held
+        ramp = lambda r: ((r - p["radius"]) / 0.6).clamp(0, 1) ** 2 * (3 - 2 * ((r - p["radius"]) / 0.6).clamp(0, 1))
+        return _radial(img, p, s, x, y, A, lambda r: torch.exp(-s * p["strength"] * ramp(r)))
+    if c == "inflate":
+        return _radial(img, p, s, x, y, A, lambda r: 1 - s * p["strength"] * (1 - (r / p["radius"]) ** 2).clamp(min=0))
+    if c == "ripple":
+        wave = lambda r: 1 + p["amplitude"] * s * torch.sin(2 * math.pi * (r / p["wavelength"] - p["cycles"] * t)) / r.clamp(min=1e-6)
+        return _radial(img, p, s, x, y, A, wave)
+    if c == "swirl":
+        cx, cy = p["center"]
+        fall = (1 - torch.hypot(x - cx, y - cy) / p["radius"]).clamp(min=0) ** 2
+        xr, yr = _rot(x - cx, y - cy, -p["angle"] * s * fall)
+        return _warp(img, cx + xr, cy + yr, A)
+    if c == "shake":
+        ox, oy = (p["amplitude"] * s * torch.sin(2 * math.pi * p["freq"] * t + ph) for ph in p["phase"])
+        return _warp(img, x - ox, y - oy, A)
+    if c == "fade_black":
+        return img * (1 - p["amount"] * s[:, None])
+    if c == "fade_white":
+        return img + (1 - img) * p["amount"] * s[:, None]
+    if c == "hue_cycle":
+        return _hue(img, p, s)
+    if c == "blur_in":  # frame 0 is sharp (I2V conditions on it); the picture defocuses over time
+        return torch.stack([_blur(img, float(si) * p["sigma"] * img.shape[1]) for si in s.flatten()])
+    if c == "pixel_dissolve":
+        return _dissolve(img, p, s)
+    if c == "shatter":
+        return _shatter(img, p, s, x, y, A)
+    if c == "melt":
+        return _melt(img, p, s, x, y, A)
+    if c == "vignette_in":
+        return _vignette(img, p, s, x, y, A)
+    raise ValueError(f"unknown effect category {c!r}; known: {CATEGORIES}")
+
+
+def apply_effect(image, category, params, frames=17):
+    """Clip [frames,3,H,W] in [0,1]; frame 0 is exactly `image` (every effect is the identity at t=0)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3,H,W], got {list(image.shape)}")
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2, got {frames}")
+    img = image.float()
+    H, W = img.shape[1:]
+    A = W / H
+    y = ((torch.arange(H, dtype=torch.float32) * 2 + 1) / H - 1).view(1, H, 1)
+    x = (((torch.arange(W, dtype=torch.float32) * 2 + 1) / W - 1) * A).view(1, 1, W)
+    t = torch.linspace(0, 1, frames).view(-1, 1, 1)
+    try:
+        clip = _effect(img, category, params, ease(t, params["ease"]), t, x, y, A)
+    except KeyError as e:
+        raise ValueError(f"params for {category!r} lack key {e}; got {sorted(params)}") from None
+    clip = clip.clamp(0, 1)
+    clip[0] = img
+    return clip
+
+
+def ground_truth(meta, image=None):
+    """Re-render the clip a dataset .json describes, on its own image or on another [3,H,W] image."""
+    if image is None:
+        image = make_image(meta["image_seed"], meta["height"], meta["width"])
+    return apply_effect(image, meta["category"], meta["params"], meta["frames"])
+
+
+def caption(category, seed, named=False):
+    return f"a picture, {category.replace('_', ' ')}" if named else CAPTIONS[seed % len(CAPTIONS)]
+
+
+# ---------------------------------------------------------------------------- measurements
+def _gray(a):
+    a = torch.as_tensor(a).double()
+    return a.mean(-3) if a.dim() >= 3 else a
+
+
+def _phase_corr(a, b):
+    """Phase correlation surface(s) of b against a ([...,H,W]); peak at the shift of b's content."""
+    H, W = a.shape[-2:]
+    win = torch.hann_window(H, periodic=False, dtype=a.dtype)[:, None] * torch.hann_window(W, periodic=False, dtype=a.dtype)
+    fa = torch.fft.fft2((a - a.mean((-2, -1), keepdim=True)) * win)
+    fb = torch.fft.fft2((b - b.mean((-2, -1), keepdim=True)) * win)
+    r = fb * fa.conj()
+    return torch.fft.ifft2(r / r.abs().clamp(min=1e-12)).real
+
+
+def _peak(c):
+    """Sub-pixel (parabolic) peak of one wrapped correlation surface -> (dy, dx, height)."""
+    H, W = c.shape
+    i = int(c.argmax())
+    py, px = divmod(i, W)
+    def sub(m, z, p):  # m: values at p-1, p, p+1
+        den = m[0] - 2 * m[1] + m[2]
+        return 0.0 if abs(den) < 1e-12 else float(0.5 * (m[0] - m[2]) / den)
+    dy = py + sub([c[(py - 1) % H, px], c[py, px], c[(py + 1) % H, px]], H, py)
+    dx = px + sub([c[py, (px - 1) % W], c[py, px], c[py, (px + 1) % W]], W, px)
+    return (dy - H if dy > H / 2 else dy), (dx - W if dx > W / 2 else dx), float(c[py, px])
+
+
+def estimate_shift(a, b):
+    """(dy, dx) in pixels that frame b's content moved relative to frame a ([3,H,W] or [H,W])."""
+    dy, dx, _ = _peak(_phase_corr(_gray(a), _gray(b)))
+    return dy, dx
+
+
+def estimate_scale(a, b, lo=0.4, hi=2.5, steps=64):
+    """Magnification of frame b relative to a (>1: b is zoomed in), by brute force: zoom a about its
+    centre by each candidate scale and keep the one whose phase correlation with b peaks highest
+    (a zoom about any other centre is that zoom plus a shift, which phase correlation absorbs)."""
+    a, b = _gray(a).float(), _gray(b).double()
+    H, W = a.shape
+    zs = torch.exp(torch.linspace(math.log(lo), math.log(hi), steps))
+    theta = torch.zeros(steps, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zs
+    grid = F.affine_grid(theta, [steps, 1, H, W], align_corners=False)
+    az = F.grid_sample(a.expand(steps, 1, H, W), grid, padding_mode="reflection", align_corners=False)[:, 0]
+    score = _phase_corr(az.double(), b).flatten(1).amax(1)
+    k = int(score.argmax().clamp(1, steps - 2))
+    m = score[k - 1:k + 2]
+    den = float(m[0] - 2 * m[1] + m[2])
+    off = 0.0 if abs(den) < 1e-12 else max(-1.0, min(1.0, 0.5 * float(m[0] - m[2]) / den))
+    step = math.log(hi / lo) / (steps - 1)
+    return math.exp(math.log(zs[k]) + off * step)
+
+
+def psnr(a, b, data_range=1.0):
+    """PSNR in dB over whole videos (or images); identical inputs give inf."""
+    mse = float(((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+def ssim(a, b, data_range=1.0, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004: 11x11 gaussian window, sigma 1.5, valid region) over every
+    frame and channel of [...,C,H,W] inputs."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"ssim needs equal shapes, got {list(a.shape)} and {list(b.shape)}")
+    size = min(size, *a.shape[-2:])
+    a, b = a.reshape(-1, 1, *a.shape[-2:]), b.reshape(-1, 1, *b.shape[-2:])
+    g = torch.exp(-0.5 * ((torch.arange(size, dtype=a.dtype) - (size - 1) / 2) / sigma) ** 2)
+    w = (g[:, None] * g[None]) / g.sum() ** 2
+    f = lambda z: F.conv2d(z, w[None, None])
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ma, mb = f(a), f(b)
+    va, vb, cov = f(a * a) - ma ** 2, f(b * b) - mb ** 2, f(a * b) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    return float(s.mean())
+
+
+# ---------------------------------------------------------------------------- dataset + CLI
+def clip_seeds(category, index, seed=0, split="train"):
+    """(image_seed, effect_seed) of clip `index`. Train images use seeds < 2**30, test images
+    seeds >= 2**30, so held-out images never appear in training."""
+    r = np.random.default_rng([seed, _crc(category), index, ["train", "test"].index(split)])
+    return int(r.integers(2**30)) + (2**30 if split == "test" else 0), int(r.integers(2**31))
+
+
+def write_dataset(root, n_per_category, frames=17, height=64, width=64, fps=8, seed=0,
+                  categories=SEEN, split="train", named=False):
+    """root/<category>/<NNNN>.mp4 + .txt (caption) + .json (seeds, params: the exact ground truth)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import data
+    paths = []
+    for cat in categories:
+        (Path(root) / cat).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_category):
+            image_seed, effect_seed = clip_seeds(cat, i, seed, split)
+            params = sample_params(cat, effect_seed)
+            meta = dict(category=cat, image_seed=image_seed, effect_seed=effect_seed, params=params,
+                        frames=frames, height=height, width=width, fps=fps, split=split,
+                        caption=caption(cat, effect_seed, named))
+            stem = Path(root) / cat / f"{i:04d}"
+            data.write_video(str(stem) + ".mp4", ground_truth(meta), fps=fps)
+            stem.with_suffix(".txt").write_text(meta["caption"] + "\n")
+            stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+            paths.append(str(stem) + ".mp4")
+    return paths
+
+
+def write_png(path, image):
+    """[3,H,W] in [0,1] -> PNG via PyAV's image2 muxer (no extra image library)."""
+    import av
+    arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+    with av.open(str(path), "w", format="image2") as out:
+        st = out.add_stream("png")
+        st.width, st.height, st.pix_fmt = arr.shape[1], arr.shape[0], "rgb24"
+        for pkt in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+
+
+def main(args):
+    if args.cmd == "list":
+        for c in CATEGORIES:
+            print(f"{c:16s} {'heldout' if c in HELDOUT else 'seen'}")
+    elif args.cmd == "image":
+        write_png(args.out, make_image(args.seed, args.size, args.size))
+    elif args.cmd == "clip":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import data
+        img = (data.read_image(args.image, args.size, args.size) + 1) / 2 if args.image else \
+            make_image(args.image_seed, args.size, args.size)
+        params = sample_params(args.category, args.seed)
+        data.write_video(args.out, apply_effect(img, args.category, params, args.frames), fps=args.fps)
+        print(json.dumps(dict(category=args.category, effect_seed=args.seed, params=params,
+                              image=args.image or args.image_seed)))
+    else:
+        cats = HELDOUT if args.heldout else SEEN
+        n = len(write_dataset(args.out, args.n, args.frames, args.size, args.size, args.fps, args.seed,
+                              cats, args.split, args.named))
+        print(f"wrote {n} clips of {len(cats)} categories to {args.out}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    for name in ("image", "clip", "dataset"):
+        q = sub.add_parser(name)
+        q.add_argument("--out", required=True)
+        q.add_argument("--size", type=int, default=64)
+        q.add_argument("--seed", type=int, default=0)
+        if name != "image":
+            q.add_argument("--frames", type=int, default=17)
+            q.add_argument("--fps", type=int, default=8)
+    sub.choices["clip"].add_argument("category", choices=CATEGORIES)
+    sub.choices["clip"].add_argument("--image-seed", type=int, default=0)
+    sub.choices["clip"].add_argument("--image", help="use this picture instead of a procedural one")
+    d = sub.choices["dataset"]
+    d.add_argument("--n", type=int, default=20, help="clips per category")
+    d.add_argument("--heldout", action="store_true", help="write the zero-shot categories instead")
+    d.add_argument("--split", choices=["train", "test"], default="train")
+    d.add_argument("--named", action="store_true", help="captions name the effect")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

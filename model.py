@@ -448,3 +448,188 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         dit = DiT(cfg)
     return check_and_load(dit, read_state_dict(path), dtype, device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# T5 v1.1 encoder (text_encoder/): pre-norm RMSNorm blocks, relative position bias from block 0
+# shared by all layers, gated-GELU FFN, unscaled attention, no mask (the pipelines pass none).
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    def __post_init__(self):
+        if self.feed_forward_proj != "gated-gelu":
+            raise ValueError(f"unsupported T5 config: feed_forward_proj={self.feed_forward_proj!r} "
+                             "(we support the T5 v1.1 'gated-gelu')")
+
+    from_dict = classmethod(DiTConfig.from_dict.__func__)
+
+
+def t5_buckets(n, num_buckets=32, max_distance=128, device=None):
+    """Bidirectional relative-position bucket [n, n] of key j seen from query i (mesh-tensorflow's)."""
+    pos = torch.arange(n, device=device)
+    rel = pos[None] - pos[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    dist = rel.abs()
+    far = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                   * (half - exact)).long()
+    return (rel > 0).long() * half + torch.where(dist < exact, dist, far.clamp(max=half - 1))
+
+
+class RMSNorm(nn.Module):  # T5LayerNorm
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (x.to(self.weight.dtype) if self.weight.dtype in (torch.float16, torch.bfloat16) else x)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, cfg, has_bias):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if has_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+
+class T5SelfAttnLayer(nn.Module):
+    def __init__(self, cfg, has_bias):
+        super().__init__()
+        self.SelfAttention, self.layer_norm = T5Attention(cfg, has_bias), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5FF(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.wi_0, self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False), nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+
+class T5FFLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.DenseReluDense, self.layer_norm = T5FF(cfg), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg, has_bias):
+        super().__init__()
+        self.layer = nn.ModuleList([T5SelfAttnLayer(cfg, has_bias), T5FFLayer(cfg)])
+
+    def forward(self, x, bias, heads):
+        B, L, _ = x.shape
+        a = self.layer[0].SelfAttention
+        h = self.layer[0].layer_norm(x)
+        q, k, v = (lin(h).view(B, L, heads, -1).transpose(1, 2) for lin in (a.q, a.k, a.v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # T5: no 1/sqrt(d)
+        x = _fp16_guard(x + a.o(o.transpose(1, 2).reshape(B, L, -1)))
+        ff = self.layer[1].DenseReluDense
+        h = self.layer[1].layer_norm(x)
+        g = F.gelu(ff.wi_0(h), approximate="tanh") * ff.wi_1(h)
+        return _fp16_guard(x + ff.wo(g.to(ff.wo.weight.dtype)))  # wo may be kept in fp32 (fp16 loads)
+
+
+def _fp16_guard(x):  # transformers clamps fp16 activations that overflowed
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    return x.clamp(-big + 1000, big - 1000) if torch.isinf(x).any() else x
+
+
+class T5Stack(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.block = nn.ModuleList(T5Block(cfg, i == 0) for i in range(cfg.num_layers))
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5Encoder(nn.Module):
+    """T5EncoderModel: ids [B, L] -> last_hidden_state [B, L, d_model]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg)
+
+    def forward(self, ids):
+        cfg = self.config
+        x = self.shared(ids)
+        buckets = t5_buckets(ids.shape[1], cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                             ids.device)
+        rel = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = rel(buckets).permute(2, 0, 1)[None]  # [1, heads, L, L], computed once, used by every layer
+        for blk in self.encoder.block:
+            x = blk(x, bias, cfg.num_heads)
+        return self.encoder.final_layer_norm(x)
+
+
+def load_t5(path, dtype=torch.float32, device="cpu"):
+    """T5Encoder from an official `text_encoder/` folder. In fp16 the FFN output projections (wo) stay
+    fp32 like transformers' _keep_in_fp32_modules (the 2b pipeline runs T5 in fp16)."""
+    cfg = T5Config.from_dict(read_config(path))
+    sd = read_state_dict(path)
+    tied = sd.pop("encoder.embed_tokens.weight", None)  # some exports carry this tied copy of shared.weight
+    if "shared.weight" not in sd and tied is not None:
+        sd["shared.weight"] = tied
+    for k, v in sd.items():
+        keep = dtype == torch.float16 and k.endswith("DenseReluDense.wo.weight")
+        sd[k] = v.to(device=device, dtype=torch.float32 if keep else dtype)
+    with torch.device("meta"):
+        t5 = T5Encoder(cfg)
+    return check_and_load(t5, sd).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer (tokenizer/spiece.model), ids identical to transformers' T5Tokenizer(padding="max_length",
+# truncation=True): literal special tokens first, sentencepiece on the text between them (each piece
+# gets its own dummy "▁" prefix), truncate to max_length-1, EOS (1), pad with 0.
+
+class Tokenizer:
+    def __init__(self, path):
+        import re
+
+        import sentencepiece as spm
+        f = Path(path) / "spiece.model"
+        if not f.is_file():
+            raise FileNotFoundError(f"no spiece.model in {path} (we read the sentencepiece model, not tokenizer.json)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(f))
+        n_extra = 100
+        cfg = Path(path) / "tokenizer_config.json"
+        if cfg.is_file():
+            n_extra = json.loads(cfg.read_text()).get("extra_ids", 100)
+        n = self.sp.get_piece_size()
+        self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+        self.special.update({f"<extra_id_{i}>": n + n_extra - 1 - i for i in range(n_extra)})  # T5's sentinels
+        alts = sorted(self.special, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")").split
+
+    def encode(self, text):
+        ids = []
+        for i, part in enumerate(self.split(text)):  # odd positions are the special tokens
+            ids += [self.special[part]] if i % 2 else (self.sp.encode(part) if part else [])
+        return ids
+
+    def __call__(self, texts, max_length=226):
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), max_length, dtype=torch.long)  # 0 = <pad>
+        for b, text in enumerate(texts):
+            ids = self.encode(text)[:max_length - 1] + [1]  # 1 = </s>
+            out[b, :len(ids)] = torch.tensor(ids)
+        return out

@@ -109,10 +109,9 @@ def test_dit_size_errors(dit_pair):
             ours(x, text[:, :5], t)
 
 
+@pytest.mark.parametrize("dit_pair", ["5b"], indirect=True)
 def test_lora(dit_pair):
     name, cfg, other, ref, out = dit_pair
-    if name != "5b":
-        pytest.skip("one variant is enough")
     ours = model.load_dit(out)
     x, text, t = inputs(cfg, 2, 8, 12)
     with torch.no_grad():
@@ -121,7 +120,7 @@ def test_lora(dit_pair):
         assert torch.equal(base, ours(x, text, t, lora={"transformer_blocks.9.attn1.to_q": None}))
         g = torch.Generator().manual_seed(3)
         down, up = torch.randn(1, 32, 4, generator=g) * 0.1, torch.randn(1, 4, 32, generator=g) * 0.1
-        got = ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})
+        got = got_q = ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})
         merged = model.load_dit(out)
         merged.transformer_blocks[0].attn1.to_q.weight += (down[0] @ up[0]).T
         want = merged(x, text, t)
@@ -135,6 +134,14 @@ def test_lora(dit_pair):
         for b in range(2):
             one = ours(x[b:b + 1], text[b:b + 1], t[b:b + 1], lora={key: (downs[b:b + 1], ups[b:b + 1])})
             assert rel_err(got[b:b + 1], one) <= 1e-5
+    # training path: gradients reach the factors; bf16 activations with fp32 factors
+    down.requires_grad_(True)
+    ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)}).square().mean().backward()
+    assert down.grad is not None and down.grad.abs().sum() > 0
+    bf = model.load_dit(out, torch.bfloat16)
+    with torch.no_grad():
+        y = bf(x.bfloat16(), text.bfloat16(), t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), got_q) < 0.05
 
 
 def test_lora_linear_shapes():
@@ -146,3 +153,165 @@ def test_lora_linear_shapes():
     assert torch.allclose(model.lora_linear(lin, x3, (down, up)), want, atol=1e-5)
     assert torch.allclose(model.lora_linear(lin, x2, (down, up)), lin(x2) + (x2[:, None] @ down @ up)[:, 0], atol=1e-5)
     assert torch.allclose(model.lora_linear(lin, x3, (down[:1], up[:1])), lin(x3) + x3 @ down[:1] @ up[:1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# T5
+
+@pytest.fixture(scope="module")
+def t5_pair(tmp_path_factory):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    ref = perturb(T5EncoderModel(T5Config(**TINY_T5)).eval(), seed=2, std=0.5)
+    out = tmp_path_factory.mktemp("t5") / "text_encoder"
+    ref.save_pretrained(str(out), safe_serialization=True, max_shard_size="20KB")
+    return ref, out
+
+
+def test_t5_matches_transformers(t5_pair):
+    ref, out = t5_pair
+    assert len(list(out.glob("*.safetensors"))) > 1
+    ours = model.load_t5(out)
+    ids = torch.randint(0, TINY_T5["vocab_size"], (2, 226), generator=torch.Generator().manual_seed(0))
+    ids[1, 40:] = 0  # padding is attended to, as in the pipelines
+    with torch.no_grad():
+        want = ref(input_ids=ids).last_hidden_state
+        got = ours(ids)
+    err = rel_err(got, want)
+    print(f"T5 (226 tokens): rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_t5_buckets_match_transformers():
+    from transformers.models.t5.modeling_t5 import T5Attention
+    rel = torch.arange(300)[None] - torch.arange(300)[:, None]
+    assert torch.equal(model.t5_buckets(300), T5Attention._relative_position_bucket(rel))
+
+
+def test_t5_tied_embedding_copy_accepted(t5_pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+    ref, out = t5_pair
+    sd = model.read_state_dict(out)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()
+    save_file(sd, tmp_path / "model.safetensors")
+    shutil.copy(out / "config.json", tmp_path / "config.json")
+    ids = torch.tensor([[5, 7, 1, 0]])
+    with torch.no_grad():
+        assert torch.equal(model.load_t5(tmp_path)(ids), model.load_t5(out)(ids))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+AWKWARD = ["", " ", "a cat runs", "   leading and trailing   ", "extra    spaces  between", "new\nline\ttab\r\n",
+           "héllo wörld — ünïcode 日本語 🎉 ﬁ ① ｆｕｌｌ", "x\u3000y\u00a0z", "the</s>cat", "the </s> cat </s>",
+           "a<extra_id_5>b <extra_id_0><extra_id_99>", "a <pad> b <unk>", "<extra_id_100> <extra_id_7", "</s>",
+           "the quick brown fox jumps " * 80, "zoom " * 224 + "</s> tail", "zoom " * 225]
+
+
+def test_tokenizer_matches_transformers(tiny_tokenizer_dir):
+    from transformers import T5Tokenizer
+    ref = T5Tokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    ours = model.Tokenizer(tiny_tokenizer_dir)
+    for max_length in (226, 16):
+        want = ref(AWKWARD, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+        got = ours(AWKWARD, max_length=max_length)
+        for text, g, w in zip(AWKWARD, got, want):
+            assert torch.equal(g, w), (text[:40], g.tolist(), w.tolist())
+    assert ours([""])[0, :2].tolist() == [1, 0]
+    # random mixtures of words, whitespace, punctuation and special tokens
+    import random
+    rng = random.Random(0)
+    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", ".!?", "é", "日", "</s>", "<pad>", "<unk>", "<extra_id_3>",
+            "<", ">", "_", "▁", "0", "zoom-in"]
+    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(0, 30))) for _ in range(200)]
+    want = ref(texts, padding="max_length", max_length=40, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours(texts, max_length=40), want)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The official folder layout (conftest's tiny I2V pipeline) and error cases
+
+def test_official_layout(tiny_pipe_and_dir):
+    pipe, root = tiny_pipe_and_dir
+    dit = model.load_dit(root / "transformer")
+    assert dit.config == model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])
+    g = torch.Generator().manual_seed(0)
+    x, text, t = torch.randn(1, 3, 8, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g), torch.tensor([500])
+    err = rel_err(dit(x, text, t), ref_forward(pipe.transformer, x, text, t))
+    print(f"DiT tiny I2V (official layout, 226 text tokens): rel err {err:.2e}")
+    assert err <= TOL
+    ids = model.Tokenizer(root / "tokenizer")(["a cat runs", ""])
+    want = pipe.tokenizer(["a cat runs", ""], padding="max_length", max_length=226, truncation=True,
+                          return_tensors="pt").input_ids
+    assert torch.equal(ids, want)
+    with torch.no_grad():
+        err = rel_err(model.load_t5(root / "text_encoder")(ids), pipe.text_encoder(ids)[0])
+    print(f"T5 tiny (official layout): rel err {err:.2e}")
+    assert err <= TOL
+
+
+@pytest.fixture
+def dit_folder(tmp_path):
+    """Our tiny DiT saved the official way (config.json + diffusion_pytorch_model.safetensors)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+    cfg = model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])
+    sd = model.DiT(cfg).state_dict()
+    (tmp_path / "config.json").write_text(json.dumps(dict(asdict(cfg), _class_name="CogVideoXTransformer3DModel")))
+    save_file(sd, tmp_path / "diffusion_pytorch_model.safetensors")
+    return tmp_path, sd
+
+
+def _resave(folder, sd):
+    from safetensors.torch import save_file
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_load_errors(dit_folder, tmp_path_factory):
+    folder, sd = dit_folder
+    assert model.load_dit(folder, torch.bfloat16).proj_out.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        model.load_dit(folder / "nope")
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        model.load_dit(empty)
+    shutil.copy(folder / "config.json", empty / "config.json")
+    with pytest.raises(FileNotFoundError, match="no .safetensors file"):
+        model.load_dit(empty)
+    (empty / "diffusion_pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="never unpickle"):
+        model.load_dit(empty)
+    (empty / "diffusion_pytorch_model.bin").unlink()
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", empty / "a.safetensors")
+    (empty / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {**{k: "a.safetensors" for k in sd}, "extra.weight": "a.safetensors"}}))
+    with pytest.raises(ValueError, match="1 keys absent from its shards: extra.weight"):
+        model.load_dit(empty)
+    (empty / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"proj_out.weight": "b.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="names the shard b.safetensors"):
+        model.load_dit(empty)
+
+    _resave(folder, {k: v for k, v in sd.items() if k != "proj_out.bias"})
+    with pytest.raises(ValueError, match="1 missing keys: proj_out.bias"):
+        model.load_dit(folder)
+    _resave(folder, {**sd, "foo.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="1 unexpected keys: foo.weight"):
+        model.load_dit(folder)
+    _resave(folder, {**sd, "proj_out.weight": torch.zeros(3, 32)})
+    with pytest.raises(ValueError, match=r"proj_out.weight: checkpoint \[3, 32\] vs model \[16, 32\]"):
+        model.load_dit(folder)
+    _resave(folder, sd)
+    for bad, msg in [(dict(activation_fn="gelu"), "activation_fn='gelu'"), (dict(patch_size=1), "patch_size=1"),
+                     (dict(patch_size_t=4), "patch_size_t=4")]:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=f"unsupported CogVideoX transformer config: {msg}"):
+            model.load_dit(folder)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="feed_forward_proj='relu'"):
+        model.T5Config.from_dict(dict(TINY_T5, feed_forward_proj="relu"))
+    with pytest.raises(FileNotFoundError, match="no spiece.model"):
+        model.Tokenizer(folder)

@@ -7,6 +7,7 @@ tests/test_model.py checks them on tiny random models:  python -m pytest -q test
 """
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -154,8 +155,12 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})  # _class_name, _diffusers_version, ... ignored
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})  # _class_name, _diffusers_version, ... ignored
 
 
 _COMMON = dict(attention_head_dim=64, out_channels=16, text_embed_dim=4096, time_embed_dim=512)
@@ -367,7 +372,10 @@ class Block(nn.Module):
 
 class DiT(nn.Module):
     """CogVideoXTransformer3DModel: forward(x [B,F,C,H,W], text [B,L,D_text], t [B], ofs=None, lora=None)
-    -> v-prediction [B,F,out_channels,H,W]."""
+    -> v-prediction [B,F,out_channels,H,W]. `ofs` (1.5-I2V only) defaults to 2.0 like the pipeline.
+    `lora` = {full Linear name: (down [B|1, d_in, r], up [B|1, r, d_out])}, see lora_linear.
+    Deviation from diffusers: the 5b-I2V learned positional table serves only its own size; diffusers
+    silently switches to a sin-cos table at other frame counts, we raise instead."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -381,6 +389,7 @@ class DiT(nn.Module):
         self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.norm_out = AdaNorm(cfg, 2)
         self.proj_out = nn.Linear(D, cfg.out_channels * cfg.patch_size ** 2 * (cfg.patch_size_t or 1))
+        self.lora_names = frozenset(n for b in self.transformer_blocks for n in b.names.values())
 
     def _check(self, x, text):
         cfg, p = self.config, self.config.patch_size
@@ -406,6 +415,9 @@ class DiT(nn.Module):
 
     def forward(self, x, text, t, ofs=None, lora=None):
         self._check(x, text)
+        if lora and not self.lora_names.issuperset(lora):
+            raise ValueError(f"lora names no Linear of this DiT: {_few(set(lora) - self.lora_names)} "
+                             f"(keys look like 'transformer_blocks.0.attn1.to_q')")
         cfg, p = self.config, self.config.patch_size
         B, Fr, _, H, W = x.shape
         dt = x.dtype
@@ -443,7 +455,7 @@ class DiT(nn.Module):
 
 
 def load_dit(path, dtype=torch.float32, device="cpu"):
-    """DiT from an official `transformer/` folder (config.json + safetensors, single or sharded)."""
+    """Frozen DiT (eval, requires_grad False) from an official `transformer/` folder."""
     cfg = DiTConfig.from_dict(read_config(path))
     with torch.device("meta"):
         dit = DiT(cfg)
@@ -472,7 +484,9 @@ class T5Config:
             raise ValueError(f"unsupported T5 config: feed_forward_proj={self.feed_forward_proj!r} "
                              "(we support the T5 v1.1 'gated-gelu')")
 
-    from_dict = classmethod(DiTConfig.from_dict.__func__)
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d)
 
 
 def t5_buckets(n, num_buckets=32, max_distance=128, device=None):
@@ -592,7 +606,7 @@ def load_t5(path, dtype=torch.float32, device="cpu"):
         sd[k] = v.to(device=device, dtype=torch.float32 if keep else dtype)
     with torch.device("meta"):
         t5 = T5Encoder(cfg)
-    return check_and_load(t5, sd).eval()
+    return check_and_load(t5, sd).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,8 +616,6 @@ def load_t5(path, dtype=torch.float32, device="cpu"):
 
 class Tokenizer:
     def __init__(self, path):
-        import re
-
         import sentencepiece as spm
         f = Path(path) / "spiece.model"
         if not f.is_file():

@@ -117,7 +117,10 @@ def test_lora(dit_pair):
     with torch.no_grad():
         base = ours(x, text, t)
         assert torch.equal(base, ours(x, text, t, lora={}))
-        assert torch.equal(base, ours(x, text, t, lora={"transformer_blocks.9.attn1.to_q": None}))
+        assert torch.equal(base, ours(x, text, t, lora={"transformer_blocks.1.attn1.to_q": None}))
+        with pytest.raises(ValueError, match="lora names no Linear of this DiT: transformer_blocks.9.attn1.to_q"):
+            ours(x, text, t, lora={"transformer_blocks.9.attn1.to_q": None})
+        assert len(ours.lora_names) == 2 * 8 and "transformer_blocks.1.ff.net.0.proj" in ours.lora_names
         g = torch.Generator().manual_seed(3)
         down, up = torch.randn(1, 32, 4, generator=g) * 0.1, torch.randn(1, 4, 32, generator=g) * 0.1
         got = got_q = ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})

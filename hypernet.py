@@ -1,0 +1,199 @@
+"""Video2LoRA hypernetwork (paper §3.3): reference-video latents -> each adapted layer's LightLoRA factors.
+
+Reference latents come in the DiT layout B F C H W (VAE mean or sample x scaling_factor; the frozen VAE encode
+is the caller's, so it can be cached). They are patchified 2x2 like the DiT, given a fixed 3-D sin-cos position
+and become video tokens (computed once). One learned weight token per adapted layer queries them through a small
+pre-LN transformer (self-attention over weight tokens, cross-attention to video tokens, MLP), run `iters` times
+with shared weights; each pass adds a residual update to the weight-token state (paper eq. 4, state_0 = 0).
+A head maps each token to A_pred [r, a] and B_pred [b, r].  Video2LoRA = hypernet + LightLoRA aux factors, the
+whole trainable part, with its save/load.  Tests: tests/test_lora.py
+"""
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from lightlora import LightLoRA, save_atomic
+
+
+@dataclass
+class HyperNetConfig:
+    in_channels: int = 16  # VAE latent channels; Video2LoRA takes it from the DiT (out_channels)
+    patch_size: int = 2
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    iters: int = 4  # refinement passes k
+
+    def __post_init__(self):
+        if self.width % 16 or self.width % self.heads:
+            raise ValueError(f"hypernet width {self.width} must be a multiple of 16 and of heads={self.heads}")
+
+
+presets = {"default": HyperNetConfig(), "tiny": HyperNetConfig(in_channels=4, width=32, depth=2, heads=2, iters=2)}
+
+
+def patchify(x, p):
+    """[B, F, C, H, W] -> [B, F*(H/p)*(W/p), C*p*p], tokens ordered (f, h, w), features (c, i, j) as the DiT's."""
+    B, Fr, C, H, W = x.shape
+    x = x.view(B, Fr, C, H // p, p, W // p, p)  # B F C h i w j
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr * (H // p) * (W // p), C * p * p)
+
+
+def sincos(pos, dim):
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim // 2))
+    angle = pos.double()[:, None] * omega
+    return torch.cat([angle.sin(), angle.cos()], 1)
+
+
+def sincos_3d(f, h, w, dim, device=None):
+    """Fixed table [f*h*w, dim], rows (f, h, w), columns time | height | width = dim/4 | 3dim/8 | 3dim/8. Built for
+    the actual grid, so any reference length and size works; a padded frame gets the same rows as unpadded."""
+    dt, dh = dim // 4, dim * 3 // 8
+    t, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (f, h, w)), indexing="ij")
+    return torch.cat([sincos(t.flatten(), dt), sincos(y.flatten(), dh), sincos(x.flatten(), dim - dt - dh)], 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_kv, self.to_out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def kv(self, y):
+        B, M, d = y.shape
+        return self.to_kv(y).view(B, M, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, kv, mask=None):
+        B, N, d = x.shape
+        q = self.to_q(x).view(B, N, self.heads, d // self.heads).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)
+        return self.to_out(o.transpose(1, 2).reshape(B, N, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, mlp_ratio):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.cross = Attention(d, heads), Attention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * d, d))
+
+    def forward(self, x, video_kv, mask):
+        h = self.norm1(x)
+        x = x + self.attn(h, self.attn.kv(h))
+        x = x + self.cross(self.norm2(x), video_kv, mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class HyperNet(nn.Module):
+    def __init__(self, cfg, n_layers, a=100, b=50, r=1):
+        super().__init__()
+        self.cfg, self.a, self.b, self.r, d = cfg, a, b, r, cfg.width
+        self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, d)
+        self.video_norm = nn.LayerNorm(d)
+        self.weight_tokens = nn.Parameter(torch.empty(n_layers, d))  # one learned identity per adapted layer
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.update_norm, self.update = nn.LayerNorm(d), nn.Linear(d, d)
+        self.head_norm, self.head_A, self.head_B = nn.LayerNorm(d), nn.Linear(d, a * r), nn.Linear(d, b * r)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # Zero ONLY head_B: B_pred = 0 makes dW = 0 exactly (the DiT starts bit-identical to its base) while
+        # A_pred stays non-zero, so head_B gets a gradient at once. With dW = 0 no init can also give the aux
+        # factors (or anything feeding A_pred) a step-1 gradient: dL/dB_aux = G (B_pred A_pred A_aux)^T and
+        # dL/dA_aux = (B_aux B_pred A_pred)^T G, and with orthonormal aux dW = 0 forces B_pred A_pred = 0;
+        # for r=1 a zero outer product has a zero factor, which kills every other factor's gradient (as with
+        # plain LoRA's B = 0). The alternative, a cancelling frozen copy (f(theta) - f(theta_0)), changes the
+        # method and breaks exactness. After one optimizer step B_pred != 0 and every parameter gets a gradient
+        # (tests/test_lora.py proves both steps). ||A_pred|| ~ sqrt(r) at init: a unit-sized "down" direction
+        # (see LightLoRA), so the LoRA's spectral norm is scale * ||B_pred|| and grows from 0 with training.
+        nn.init.normal_(self.weight_tokens, std=0.02)
+        nn.init.normal_(self.head_A.weight, std=(self.cfg.width * self.a) ** -0.5)
+        nn.init.zeros_(self.head_A.bias)
+        nn.init.zeros_(self.head_B.weight)
+        nn.init.zeros_(self.head_B.bias)
+
+    def forward(self, latents, frames=None, iters=None):
+        """latents [B, F, C, H, W]; frames [B] = valid latent frames per sample (the rest is padding) ->
+        (A_pred [B, L, r, a], B_pred [B, L, b, r])."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
+            raise ValueError(f"hypernet wants reference latents [B, F, {cfg.in_channels}, H, W] (DiT layout), "
+                             f"got {tuple(latents.shape)}")
+        B, Fr, _, H, W = latents.shape
+        x = F.pad(latents.to(self.patch_embed.weight.dtype), (0, -W % p, 0, -H % p))  # odd latent sizes
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        pos = sincos_3d(Fr, h, w, cfg.width, x.device).to(x.dtype)
+        video = self.video_norm(self.patch_embed(patchify(x, p)) + pos)  # [B, F*h*w, d]
+        mask = None
+        if frames is not None:
+            frames = torch.as_tensor(frames, device=x.device).view(B, 1)
+            if (frames < 1).any() or (frames > Fr).any():
+                raise ValueError(f"frames must lie in [1, {Fr}], got {frames.flatten().tolist()}")
+            mask = (torch.arange(Fr, device=x.device).repeat_interleave(h * w) < frames)[:, None, None, :]
+        video_kv = [blk.cross.kv(video) for blk in self.blocks]  # the video side is the same on every pass
+        state = x.new_zeros(B, *self.weight_tokens.shape)
+        for _ in range(cfg.iters if iters is None else iters):
+            t = state + self.weight_tokens
+            for blk, kv in zip(self.blocks, video_kv):
+                t = blk(t, kv, mask)
+            state = state + self.update(self.update_norm(t))
+        out = self.head_norm(state)
+        L = state.shape[1]
+        return self.head_A(out).view(B, L, self.r, self.a), self.head_B(out).view(B, L, self.b, self.r)
+
+
+class Video2LoRA(nn.Module):
+    """The trainable part (one module, so DDP covers all of it): hypernet + LightLoRA aux factors."""
+
+    def __init__(self, dit, hcfg="default", a=100, b=50, r=1, layers="attn", scale=1.0):
+        super().__init__()
+        hcfg = presets[hcfg] if isinstance(hcfg, str) else hcfg
+        self.lora = LightLoRA(dit, a, b, r, layers, scale)
+        self.hypernet = HyperNet(replace(hcfg, in_channels=dit.config.out_channels), self.lora.n_layers, a, b, r)
+
+    def forward(self, latents, frames=None, scale=None, iters=None):
+        return self.lora.fold(*self.hypernet(latents, frames, iters), scale)
+
+    def count(self):
+        return dict(self.lora.count(), hypernet=sum(p.numel() for p in self.hypernet.parameters()))
+
+    def config(self):
+        lo = self.lora
+        return dict(hypernet=asdict(self.hypernet.cfg), a=lo.a, b=lo.b, r=lo.r, layers=lo.layers, scale=lo.scale,
+                    names=lo.names, shapes=lo.shapes)
+
+
+def save(path, v2l, extra={}, meta={}):
+    """One safetensors file: trainable weights under hypernet.* / lora.*, `extra` tensors as given (optim.*,
+    rng.*), configs + layer names as JSON metadata "video2lora", the caller's `meta` as JSON "meta"."""
+    sd = {**v2l.state_dict(), **extra}
+    save_atomic(sd, path, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta)})
+
+
+def load(path, dit, device="cpu"):
+    """-> (Video2LoRA on device, meta). Checks the checkpoint was made for this DiT's adapted layers."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Video2LoRA checkpoint not found: {path}")
+    with safe_open(str(path), "pt", device=str(device)) as f:
+        md = f.metadata() or {}
+        if "video2lora" not in md:
+            raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
+        cfg = json.loads(md["video2lora"])
+        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
+    v2l = Video2LoRA(dit, HyperNetConfig(**cfg["hypernet"]), cfg["a"], cfg["b"], cfg["r"], cfg["layers"], cfg["scale"])
+    have, want = [tuple(s) for s in cfg["shapes"]], v2l.lora.shapes
+    if cfg["names"] != v2l.lora.names or have != want:
+        raise ValueError(f"{path} was trained for a DiT with {len(have)} adapted layers (layers={cfg['layers']!r}, "
+                         f"shapes {sorted(set(have))}); this DiT has {len(want)} (shapes {sorted(set(want))})")
+    try:
+        v2l.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its own config describes: {e}") from None
+    return v2l.to(device), json.loads(md.get("meta", "{}"))

@@ -5,9 +5,24 @@
 Without a reference (or with --no-ref) the result equals diffusers' CogVideoXImageToVideoPipeline for the
 same seed and settings. Latents are in the DiT layout B F C H W; the VAE takes B C T H W.
 """
+import argparse
+import json
 import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from tqdm import tqdm
+
+import data
+import hypernet
+import lightlora
+import model
+import vae as vae_lib
 
 # ---------------------------------------------------------------------------------------------------------
 # Schedulers (diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler, which mirror SAT's samplers).
@@ -73,3 +88,275 @@ def dpm_step(A, v, x, t, t_prev, t_back, old_x0, generator):
     r = (lam(at) - lam(A[t_back])) / h
     d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * old_x0
     return m1 * x - m2 * d + mn * noise(), x0
+
+
+def dynamic_guidance(g, t, steps):
+    """The official demo's cosine guidance schedule. It is fed the timestep value (999..19), not the step
+    index, so the weight oscillates in [1, 1+g]; diffusers and SAT both do this and parity needs it."""
+    return 1 + g * ((1 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipeline
+
+
+class Pipeline:
+    """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA."""
+
+    def __init__(self, dit, vae, t5, tokenizer, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16,
+                 offload=False, tile_vae=False):
+        self.dit, self.vae, self.t5, self.tok, self.sched_cfg, self.v2l = dit, vae, t5, tokenizer, sched_cfg, v2l
+        self.device, self.dtype, self.offload, self.tile_vae = torch.device(device), dtype, offload, tile_vae
+        self.times = {}  # seconds per stage of the last call
+
+    @contextmanager
+    def _stage(self, name, module=None):
+        """Time a stage; with offload, bring its model to the device only while it runs."""
+        if self.offload and module is not None:
+            module.to(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+            if self.offload and module is not None:
+                module.to("cpu")
+
+    def _encode(self, x):
+        """[B,3,F,H,W] in [0,1] -> posterior (mean, logvar) of the VAE, both [B,C,F',h,w]."""
+        return self.vae.encode((2.0 * x - 1.0).to(self.device, self.dtype), tile=self.tile_vae)  # logvar clamped
+
+    def sizes(self, frames=None, height=None, width=None):
+        """Defaults from the transformer config; ValueError for what the model cannot take."""
+        c = self.dit.config
+        native = (c.sample_frames, c.sample_height * 8, c.sample_width * 8)
+        frames, height, width = frames or native[0], height or native[1], width or native[2]
+        if frames < 1 or (frames - 1) % 8:
+            raise ValueError(f"frames must be 8k+1 (the VAE encodes 8-frame chunks after a 9-frame first one), got {frames}")
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            raise ValueError(f"height and width must be positive multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}")
+        if c.use_learned_positional_embeddings and (frames, height, width) != native:
+            raise ValueError("this model's learned positional embedding only takes %dx%dx%d (frames x height x width)"
+                             ", got %dx%dx%d" % (native + (frames, height, width)))
+        if c.patch_size_t and (height > c.sample_height * 8 or width > c.sample_width * 8):  # 1.5: RoPE table size
+            raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position grid")
+        return frames, height, width
+
+    @torch.no_grad()
+    def reference_lora(self, refs, scale=1.0):
+        """refs: a video [F,3,H,W] in [0,1], or a list of (video, weight) -> LoRA dict for the DiT.
+        The reference is encoded to the posterior mean, not a sample: the LoRA is then a function of the
+        video alone, and the seeded generator keeps diffusers' draw order. Several references blend: the
+        weights are normalised to sum 1 and the k rank-r LoRAs are concatenated along r into one rank-kr
+        LoRA, sum_i w_i x down_i up_i exactly (averaging folded factors would not be)."""
+        if self.v2l is None:
+            raise ValueError("a reference needs a hypernetwork checkpoint (ckpt=...)")
+        refs = [(refs, 1.0)] if torch.is_tensor(refs) else list(refs)
+        total = sum(w for _, w in refs)
+        loras = []
+        for video, w in refs:
+            with self._stage("ref->lora", self.vae):
+                mean, _ = self._encode(video.permute(1, 0, 2, 3)[None])  # [F,3,H,W] -> [1,3,F,H,W]
+            with self._stage("ref->lora"):
+                z = (mean * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # -> [1,F',C,h,w]
+                loras.append((self.v2l(z.float(), scale=self.v2l.lora.scale * scale), w / total))
+        if len(loras) == 1:
+            return loras[0][0]
+        return {k: (torch.cat([l[k][0] * w for l, w in loras], dim=-1), torch.cat([l[k][1] for l, _ in loras], dim=1))
+                for k in loras[0][0]}
+
+    @torch.no_grad()
+    def generate(self, image, prompt="", ref=None, frames=None, height=None, width=None, steps=50,
+                 guidance=6.0, dynamic_cfg=False, scheduler="ddim", seed=0, lora_scale=1.0, lora=None,
+                 progress=False):
+        """image [3,H,W] in [0,1] -> video [frames,3,height,width] in [0,1] (float32, CPU). ref: see
+        reference_lora; lora: a dict it returned (instead of ref)."""
+        c, dev, dt = self.dit.config, self.device, self.dtype
+        frames, height, width = self.sizes(frames, height, width)
+        if scheduler not in ("ddim", "dpm"):
+            raise ValueError(f"scheduler must be 'ddim' or 'dpm', got {scheduler!r}")
+        self.times = {}
+        if ref is not None:
+            lora = self.reference_lora(ref, lora_scale)
+        g = torch.Generator().manual_seed(seed)  # one CPU generator, drawn in diffusers' order
+        cfg = guidance > 1
+
+        with self._stage("text", self.t5):
+            ids = self.tok(["", prompt] if cfg else [prompt], max_length=226).to(dev)  # uncond first
+            text = self.t5(ids).to(dt)
+
+        with self._stage("image encode", self.vae):
+            # diffusers stretches PIL images with Lanczos (tensors: nearest); we take a tensor and stretch it
+            # with antialiased bicubic. The CLI already gives the exact size (data.read_image covers + crops).
+            if image.shape[-2:] != (height, width):
+                image = F.interpolate(image[None].float(), (height, width), mode="bicubic", antialias=True)[0]
+            mean, logvar = self._encode(image.clamp(0, 1)[None, :, None])  # [1,3,1,H,W]
+            eps = torch.randn(mean.shape, generator=g, dtype=mean.dtype).to(dev)
+            z = (mean + torch.exp(0.5 * logvar) * eps).to(dt).permute(0, 2, 1, 3, 4)  # [1,1,C,h,w]
+            sf = self.vae.config.scaling_factor
+            # 1.5-I2V: diffusers divides by the scaling factor (SAT uses the raw latent; spec §11.3)
+            z = 1 / sf * z if self.vae.config.invert_scale_latents else sf * z
+
+        n_lat = (frames - 1) // 4 + 1
+        pad = (-n_lat) % c.patch_size_t if c.patch_size_t else 0  # 1.5: even latent count, dropped after
+        shape = (1, n_lat + pad, c.in_channels // 2, height // 8, width // 8)
+        z_img = torch.cat([z, z.new_zeros(1, shape[1] - 1, *shape[2:])], dim=1)
+        x = torch.randn(shape, generator=g, dtype=dt).to(dev)
+        ofs = x.new_full((1,), 2.0) if c.ofs_embed_dim else None
+        A, T = alphas_cumprod(self.sched_cfg), self.sched_cfg.get("num_train_timesteps", 1000)
+        ts, old = trailing_timesteps(steps, T), None
+
+        with self._stage("denoise", self.dit):
+            for i, t in enumerate(tqdm(ts, disable=not progress, desc="denoise", leave=False)):
+                inp = torch.cat([torch.cat([x, x]), torch.cat([z_img, z_img])] if cfg else [x, z_img], dim=2)
+                tt = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
+                v = self.dit(inp, text, tt, ofs=ofs, lora=lora).float()  # a B=1 LoRA serves both branches
+                if cfg:
+                    w = dynamic_guidance(guidance, t, steps) if dynamic_cfg else guidance
+                    vu, vc = v.chunk(2)
+                    v = vu + w * (vc - vu)
+                if scheduler == "ddim":
+                    x = ddim_step(A, v, x, t, t - T // steps)
+                else:
+                    x, old = dpm_step(A, v, x, t, t - T // steps, ts[i - 1] if i else None, old, g)
+                x = x.to(dt)
+
+        with self._stage("decode", self.vae):
+            x = 1 / self.vae.config.scaling_factor * x[:, pad:].permute(0, 2, 1, 3, 4)  # -> [1,C,F',h,w]
+            video = self.vae.decode(x, tile=self.tile_vae)
+            video = (video / 2 + 0.5).clamp(0, 1)[0].permute(1, 0, 2, 3)  # [3,F,H,W] -> [F,3,H,W]
+        return video.float().cpu()
+
+
+def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False):
+    """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
+    d = Path(model_dir)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json"):
+        if not (d / sub).exists():
+            raise FileNotFoundError(f"{d}: not a CogVideoX I2V folder (no {sub})")
+    home = "cpu" if offload else device
+    dit = model.load_dit(d / "transformer", dtype, home)
+    if dit.config.in_channels != 2 * dit.config.out_channels:
+        raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
+    v2l = None
+    if ckpt is not None:
+        try:
+            v2l = hypernet.load(ckpt, dit, device)[0].eval()
+        except SafetensorError as e:
+            raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
+    return Pipeline(dit.eval(), vae_lib.load_vae(d / "vae", dtype, home).eval(), model.load_t5(d / "text_encoder", dtype, home).eval(),
+                    model.Tokenizer(d / "tokenizer"), json.loads((d / "scheduler/scheduler_config.json").read_text()),
+                    v2l, device, dtype, offload, tile_vae)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _ref_arg(s):
+    """"clip.mp4" or "clip.mp4:0.5" (a weight for blending several references)."""
+    path, _, w = s.rpartition(":")
+    if path and not Path(s).exists():
+        try:
+            return path, float(w)
+        except ValueError:
+            pass
+    return s, 1.0
+
+
+def run(args):
+    t0 = time.perf_counter()
+    if len(args.paths) != (1 if args.no_ref else 2) and not (args.no_ref and len(args.paths) == 2):
+        raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
+    img = args.paths[-1]
+    refs = [] if args.no_ref else [_ref_arg(s) for s in [args.paths[0]] + args.ref]
+    for path in [img] + [p for p, _ in refs]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    if any(w <= 0 for _, w in refs):
+        raise ValueError("reference weights must be > 0")
+    mdir = Path(args.model)
+    if not mdir.is_dir():
+        raise FileNotFoundError(f"no model at {mdir}/: pass --model DIR")
+    ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
+    if refs and ckpt is None:
+        raise FileNotFoundError(f"no hypernetwork checkpoint ({mdir}/hypernet.safetensors): pass --ckpt FILE or --no-ref")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+    for out in (args.out, args.save_lora, args.export_lora):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{out}: its folder does not exist")
+    if (args.save_lora or args.export_lora) and not refs:
+        raise ValueError("--save-lora/--export-lora need a reference")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
+    frames, height, width = pipe.sizes(args.frames, args.height, args.width)
+    image = (data.read_image(img, height, width) + 1) / 2
+    videos = []
+    for path, w in refs:
+        v, n = data.read_video(path, frames, fps=8, height=height, width=width, allow_short=True)
+        if n < frames:  # trim to the longest 8k+1 prefix rather than feed a frozen tail to the hypernetwork
+            keep = (n - 1) // 8 * 8 + 1
+            if keep < 9:
+                raise ValueError(f"{path}: too short: {n} frames at 8 fps, a reference needs at least 9")
+            print(f"note: {path} gives only {n} frames at 8 fps (< {frames}): using its first {keep}", file=sys.stderr)
+            v = v[:keep]
+        videos.append(((v + 1) / 2, w))
+    times = {"load": time.perf_counter() - t0}
+
+    lora = pipe.reference_lora(videos, args.lora_scale) if videos else None
+    times.update(pipe.times)
+    video = pipe.generate(image, args.prompt, frames=frames, height=height, width=width, steps=args.steps,
+                          guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, scheduler=args.scheduler,
+                          seed=args.seed, lora=lora, progress=True)
+    times.update(pipe.times)
+    t1 = time.perf_counter()
+    data.write_video(args.out, video, fps=8)
+    if args.save_lora:
+        lightlora.save_native(args.save_lora, lora)
+    if args.export_lora:
+        lightlora.export_diffusers(args.export_lora, lora)
+    times["write"] = time.perf_counter() - t1
+    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) | " + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Image-to-video with the motion/effect of a reference video.")
+    p.add_argument("paths", nargs="+", metavar="ref.mp4 img.png", help="reference video, then the first frame")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--model", default="assets", help="CogVideoX I2V folder (default assets/)")
+    p.add_argument("--ckpt", help="hypernetwork checkpoint (default <model>/hypernet.safetensors)")
+    p.add_argument("--out", default="out.mp4")
+    p.add_argument("--frames", type=int, help="8k+1 (default: the model's sample_frames)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--ref", action="append", default=[], help="another reference to blend, PATH or PATH:WEIGHT")
+    p.add_argument("--no-ref", action="store_true", help="the base I2V model, no LoRA")
+    p.add_argument("--save-lora", help="the predicted LoRA in our native format")
+    p.add_argument("--export-lora", help="the predicted LoRA as a diffusers load_lora_weights file")
+    p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
+    p.add_argument("--tile-vae", action="store_true", help="VAE in tiles (less memory, slightly different)")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError, data.VideoError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,3 +62,167 @@ def test_scheduler_bf16_sample():
         ours, _ = _trajectory(kind, 1.0, 10, True, torch.bfloat16)
         ref, _ = _trajectory(kind, 1.0, 10, False, torch.bfloat16)
         assert torch.equal(ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def _image(h=64, w=96, seed=0):
+    """A smooth [3,H,W] image in [0,1] (already at the target size, so neither side resamples it)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, h // 16, w // 16, generator=g)
+    return torch.nn.functional.interpolate(small, (h, w), mode="bilinear", align_corners=False)[0]
+
+
+def _video(f=9, h=64, w=96, seed=1):
+    return torch.stack([_image(h, w, seed + i) for i in range(f)])
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_model_dir):
+    return sample.load(tiny_model_dir, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("scheduler,dynamic", [("ddim", False), ("dpm", False), ("ddim", True), ("dpm", True)])
+def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic):
+    from diffusers import CogVideoXDPMScheduler
+    pipe = tiny_pipe_and_dir[0]
+    image, kw = _image(), dict(num_frames=9, height=64, width=96, num_inference_steps=3, guidance_scale=6.0)
+    saved = pipe.scheduler
+    if scheduler == "dpm":
+        pipe.scheduler = CogVideoXDPMScheduler.from_config(saved.config)
+    try:
+        # a [3,H,W] tensor in [0,1] at the target size: diffusers' VideoProcessor only normalises it (2x-1)
+        ref = pipe(image=image, prompt="a cat runs", use_dynamic_cfg=dynamic, generator=torch.Generator().manual_seed(7),
+                   output_type="pt", **kw).frames[0]
+    finally:
+        pipe.scheduler = saved
+    out = ours.generate(image, "a cat runs", frames=9, height=64, width=96, steps=3, guidance=6.0,
+                        dynamic_cfg=dynamic, scheduler=scheduler, seed=7)
+    assert out.shape == ref.shape == (9, 3, 64, 96)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    print(f"{scheduler} dynamic_cfg={dynamic}: max rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_pipeline_checks_sizes(ours):
+    with pytest.raises(ValueError, match="8k\\+1"):
+        ours.generate(_image(), frames=13, steps=1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours.generate(_image(72, 96), height=72, steps=1)
+    with pytest.raises(ValueError, match="learned positional"):
+        ours.generate(_image(128, 192), height=128, width=192, steps=1)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_model_dir, tmp_path_factory):
+    """Video2LoRA checkpoints for the tiny DiT: fresh (zero LoRA), perturbed, and one made for another DiT."""
+    import hypernet
+    import model
+    from conftest import perturb
+    tmp = tmp_path_factory.mktemp("ckpt")
+    dit = model.load_dit(tiny_model_dir / "transformer")
+    torch.manual_seed(0)
+    hypernet.save(tmp / "zero.safetensors", hypernet.Video2LoRA(dit, "tiny"))
+    hypernet.save(tmp / "random.safetensors", perturb(hypernet.Video2LoRA(dit, "tiny"), std=0.5))
+    with torch.device("meta"):
+        other = model.DiT(model.DiTConfig(**dict(model.DIT_PRESETS["tiny"], num_layers=3)))
+    hypernet.save(tmp / "other.safetensors", hypernet.Video2LoRA(other, "tiny"))
+    return tmp
+
+
+def test_zero_hypernet_is_the_base_model(tiny_model_dir, ours, ckpts):
+    pipe = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ckpts / "zero.safetensors")
+    kw = dict(frames=9, height=64, width=96, steps=2, seed=3)
+    base = ours.generate(_image(), "a dog", **kw)
+    assert torch.equal(pipe.generate(_image(), "a dog", ref=_video(), **kw), base)
+    assert torch.equal(pipe.generate(_image(), "a dog", ref=[(_video(), 1), (_video(seed=5), 2)], **kw), base)
+
+
+def test_reference_lora_and_blend(tiny_model_dir, ours, ckpts):
+    pipe = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ckpts / "random.safetensors")
+    a, b = pipe.reference_lora(_video()), pipe.reference_lora(_video(seed=5))
+    mix = pipe.reference_lora([(_video(), 1.0), (_video(seed=5), 3.0)])
+    half = pipe.reference_lora(_video(), scale=0.5)
+    x = torch.randn(1, 7, 32, dtype=torch.float64)
+    eff = lambda lora, k: x @ lora[k][0].double() @ lora[k][1].double()
+    close = lambda u, v: ((u - v).abs().max() / v.abs().max()).item() < 1e-6
+    for k in a:  # a blend of k rank-1 LoRAs is the rank-k LoRA with the weighted effect, exactly
+        assert mix[k][0].shape[-1] == 2 and close(eff(mix, k), 0.25 * eff(a, k) + 0.75 * eff(b, k))
+        assert close(eff(half, k), 0.5 * eff(a, k))
+    kw = dict(frames=9, height=64, width=96, steps=1)
+    assert not torch.allclose(pipe.generate(_image(), ref=_video(), **kw), ours.generate(_image(), **kw))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import data
+    from PIL import Image
+    tmp = tmp_path_factory.mktemp("cli")
+    Image.fromarray((_image(80, 100).permute(1, 2, 0) * 255).byte().numpy()).save(tmp / "img.png")
+    data.write_video(tmp / "ref.mp4", _video(12, 64, 96))
+    data.write_video(tmp / "short.mp4", _video(3, 64, 96))
+    (tmp / "bad.mp4").write_bytes(b"\x00not a video" * 100)
+    return tmp
+
+
+def _frames(path):
+    import av
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_cli_end_to_end(tiny_model_dir, ckpts, files, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out.mp4"
+    cmd = [sys.executable, str(sample.__file__), str(files / "ref.mp4"), str(files / "img.png"), "--model",
+           str(tiny_model_dir), "--ckpt", str(ckpts / "random.safetensors"), "--out", str(out), "--steps", "2",
+           "--device", "cpu", "--ref", f"{files / 'ref.mp4'}:0.5", "--save-lora", str(tmp_path / "l.safetensors"),
+           "--export-lora", str(tmp_path / "d.safetensors"), "--scheduler", "dpm", "--dynamic-cfg"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert r.stdout.startswith(f"wrote {out}") and "denoise" in r.stdout
+    frames = _frames(out)
+    assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
+    assert (tmp_path / "l.safetensors").is_file() and (tmp_path / "d.safetensors").is_file()
+
+
+def _fails(capsys, argv, out, match):
+    code = sample.main(argv + ["--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1 and match in err, err
+    assert "Traceback" not in err
+    assert not out.exists() or out.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("case", ["missing image", "missing ref", "bad video", "short ref", "frames", "size",
+                                  "learned pe", "no model", "no ckpt", "wrong ckpt", "not a ckpt", "out folder"])
+def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
+    out = tmp_path / "out.mp4"
+    if case in ("frames", "size"):
+        out.write_bytes(b"old")  # an existing output is left alone
+    ref, img, m, ck = str(files / "ref.mp4"), str(files / "img.png"), str(tiny_model_dir), str(ckpts / "zero.safetensors")
+    argv, match = {
+        "missing image": ([ref, str(files / "nope.png"), "--model", m, "--ckpt", ck], "nope.png"),
+        "missing ref": ([str(files / "nope.mp4"), img, "--model", m, "--ckpt", ck], "nope.mp4"),
+        "bad video": ([str(files / "bad.mp4"), img, "--model", m, "--ckpt", ck], "bad.mp4"),
+        "short ref": ([str(files / "short.mp4"), img, "--model", m, "--ckpt", ck], "too short"),
+        "frames": ([ref, img, "--model", m, "--ckpt", ck, "--frames", "13"], "8k+1"),
+        "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiples of 16"),
+        "learned pe": ([ref, img, "--model", m, "--ckpt", ck, "--height", "128", "--width", "192"], "only takes"),
+        "no model": ([ref, img, "--model", str(tmp_path / "nowhere")], "no model at"),
+        "no ckpt": ([ref, img, "--model", m], "--no-ref"),
+        "wrong ckpt": ([ref, img, "--model", m, "--ckpt", str(ckpts / "other.safetensors")], "adapted layers"),
+        "not a ckpt": ([ref, img, "--model", m, "--ckpt", str(files / "bad.mp4")], "bad.mp4"),
+        "out folder": ([ref, img, "--model", m, "--ckpt", ck], "folder"),
+    }[case]
+    if case == "out folder":
+        out = tmp_path / "missing" / "out.mp4"
+    _fails(capsys, argv, out, match)

@@ -157,3 +157,60 @@ def test_dataset_skips_bad(clips_dir, tmp_path, caplog):
     assert len(lines) == 2 and len([r for r in caplog.records if "skipping" in r.message]) == 2
     good = {i for b in batches for i in b["index"].tolist()}
     assert good <= {i for i, c in enumerate(clips) if os.path.basename(c.path) not in ("corrupt.mp4", "short.mp4")}
+
+
+def _mtimes(folder):
+    return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.safetensors")}
+
+
+def test_cache(clips_dir, tiny_model_dir, tmp_path):
+    import model
+    import vae as vae_mod
+    clips, out, kw = data.scan(clips_dir), tmp_path / "cache", dict(frames=9, fps=8, height=H, width=W, workers=0)
+    data.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # an interrupted run: 3 clips done
+    first = _mtimes(out / "clips")
+    assert len(first) == 3
+    data.build_cache(tiny_model_dir, clips_dir, out, batch=2, **kw)  # resumes: the 3 done are not redone
+    done = _mtimes(out / "clips")
+    assert len(done) == len(clips) and all(done[k] == v for k, v in first.items())
+    cache = data.Cache(out)
+    good = [c for c in clips if cache.has(c)]
+    assert sorted(os.path.basename(c.path) for c in clips if c not in good) == ["corrupt.mp4", "short.mp4"]
+    assert "too short" in cache.why_missing(next(c for c in clips if c.path.endswith("short.mp4")))
+    # cached posteriors = VAE.encode(read_video), within bf16 rounding
+    vae = vae_mod.load_vae(tiny_model_dir / "vae")
+    x = torch.stack([data.read_video(c.path, 9, 8, H, W) for c in good[:2]]).transpose(1, 2)
+    mean, logvar = vae.encode(x)
+    for c, m, lv in zip(good, mean, logvar):
+        cm, clv = cache.latents(c)
+        assert cm.dtype == torch.bfloat16 and cm.shape == m.shape == (4, 3, H // 8, W // 8)
+        assert (cm.float() - m).abs().max() <= 1e-2 * m.abs().max() and (clv.float() - lv).abs().max() <= 1e-2 * lv.abs().max()
+    tok, t5 = model.Tokenizer(tiny_model_dir / "tokenizer"), model.load_t5(tiny_model_dir / "text_encoder")
+    ref = t5(tok([good[0].caption]))[0]
+    assert cache.text(good[0].caption).shape == ref.shape == (226, 32)
+    assert (cache.text(good[0].caption).float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert sorted(v["caption"] for v in cache.texts.values()) == sorted({c.caption for c in clips})
+    # the dataset serves cached posteriors and text, and skips clips that are bad in the cache
+    ds = data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, cache=cache, run_dir=tmp_path)
+    batches = [b for b in torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate) if b is not None]
+    b = batches[0]
+    assert b["video"]["mean"].shape[1:] == (4, 3, H // 8, W // 8) and b["ref"]["logvar"].shape == b["video"]["mean"].shape
+    assert b["text"].shape == (len(b["caption"]), 226, 32) and b["text"].dtype == torch.bfloat16
+    served = [(i, j) for b in batches for i, j in zip(b["index"].tolist(), b["ref_index"].tolist())]
+    assert served and all(cache.has(clips[i]) and cache.has(clips[j]) for i, j in served)
+    assert sorted(os.path.basename(p) for p in ds.bad_clips()) == ["corrupt.mp4", "short.mp4"]
+    # a rewritten clip is stale until re-encoded, and only it is re-encoded
+    old = cache.latents(good[0])[0]
+    data.write_video(good[0].path, ramp(20, offset=100), fps=8)
+    assert not data.Cache(out).has(good[0]) and "changed" in data.Cache(out).why_missing(good[0])
+    data.build_cache(tiny_model_dir, clips_dir, out, **kw)
+    again = _mtimes(out / "clips")
+    assert [k for k in done if again[k] != done[k]] == [data._key(good[0].path) + ".safetensors"]
+    cache = data.Cache(out)
+    assert cache.has(good[0]) and not torch.equal(cache.latents(good[0])[0], old)
+    # different preprocessing settings re-encode everything
+    data.build_cache(tiny_model_dir, clips_dir, out, limit=1, **{**kw, "width": 64})
+    assert data.Cache(out).settings["width"] == 64 and len(data.Cache(out).clips) == 1
+    with pytest.raises(ValueError, match="was built with"):
+        data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, cache=data.Cache(out))
+

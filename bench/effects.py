@@ -35,7 +35,8 @@ CATEGORIES = ["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_dow
 # pan_up = the one pan direction not seen (pan_down/left/right are).
 HELDOUT = ["dolly_zoom", "spin_out", "swirl", "pan_up"]
 SEEN = [c for c in CATEGORIES if c not in HELDOUT]
-EASES = ["linear", "ease_in", "ease_out", "ease_in_out"]
+EASES = {"linear": lambda t: t, "ease_in": lambda t: t * t, "ease_out": lambda t: 1 - (1 - t) ** 2,
+         "ease_in_out": lambda t: t * t * (3 - 2 * t)}  # progress s(t), t in [0,1]
 # Default captions never name the effect: the model has to read it from the reference video.
 # The category stays in the dataset layout (root/<category>/) and in each clip's .json.
 CAPTIONS = ["a picture", "a video of a picture", "an animated image", "a short clip of an image",
@@ -69,7 +70,7 @@ def _texture(rng, x, y):
     elif kind == 2:
         m = (np.floor(u / period) + np.floor(v / period)) % 2 == 1
     else:  # low-res noise upsampled: soft blobs that still give phase correlation something to lock on
-        n = torch.from_numpy(rng.uniform(0, 1, (1, 3, rng.integers(3, 8), rng.integers(3, 8))).astype(np.float32))
+        n = torch.tensor(rng.uniform(0, 1, (1, 3, rng.integers(3, 8), rng.integers(3, 8))))
         return F.interpolate(n, size=x.shape, mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
     return np.where(m[..., None], c1, c0)
 
@@ -93,12 +94,12 @@ def make_image(seed, height=64, width=64):
             m = np.hypot(x - cx, y - cy) < r
         elif kind == 1:
             b = rng.uniform(0, math.pi)
-            u, v = (x - cx) * math.cos(b) + (y - cy) * math.sin(b), -(x - cx) * math.sin(b) + (y - cy) * math.cos(b)
+            u, v = (x - cx) * math.cos(b) + (y - cy) * math.sin(b), (y - cy) * math.cos(b) - (x - cx) * math.sin(b)
             m = (np.abs(u) < r) & (np.abs(v) < r * rng.uniform(0.3, 1.0))
         else:  # inside a triangle = on the same side of all three edges
             px, py = cx + rng.uniform(-r, r, 3) * 1.5, cy + rng.uniform(-r, r, 3) * 1.5
-            s = [(px[(i + 1) % 3] - px[i]) * (y - py[i]) - (py[(i + 1) % 3] - py[i]) * (x - px[i]) for i in range(3)]
-            m = ((s[0] > 0) & (s[1] > 0) & (s[2] > 0)) | ((s[0] < 0) & (s[1] < 0) & (s[2] < 0))
+            s = np.stack([(px[i - 2] - px[i]) * (y - py[i]) - (py[i - 2] - py[i]) * (x - px[i]) for i in range(3)])
+            m = (s > 0).all(0) | (s < 0).all(0)
         img = np.where(m[..., None], _texture(rng, x, y), img)
     cell = max(1, round(min(height, width) * rng.uniform(0.03, 0.05)))
     letters = sorted(_FONT)
@@ -115,18 +116,6 @@ def make_image(seed, height=64, width=64):
 
 
 # ---------------------------------------------------------------------------- effects
-def ease(t, kind):
-    if kind == "linear":
-        return t
-    if kind == "ease_in":
-        return t * t
-    if kind == "ease_out":
-        return 1 - (1 - t) ** 2
-    if kind == "ease_in_out":
-        return t * t * (3 - 2 * t)
-    raise ValueError(f"unknown easing {kind!r}, expected one of {EASES}")
-
-
 def _center(r, spread=0.3):
     return [r.uniform(-spread, spread), r.uniform(-spread, spread)]
 
@@ -143,7 +132,8 @@ _PARAMS = {
     **{k: (lambda r, k=k: dict(distance=r.uniform(0.15, 0.4), angle=_PAN_ANGLE[k] + r.uniform(-15, 15)))
        for k in _PAN_ANGLE},
     "rotate": lambda r: dict(angle=_sign(r) * r.uniform(30, 120), center=_center(r)),
-    "dolly_zoom": lambda r: dict(strength=_sign(r) * r.uniform(0.3, 0.6), radius=r.uniform(0.3, 0.6), center=_center(r, 0.2)),
+    "dolly_zoom": lambda r: dict(strength=_sign(r) * r.uniform(0.3, 0.6), radius=r.uniform(0.3, 0.6),
+                                 center=_center(r, 0.2)),
     "fade_black": lambda r: dict(amount=r.uniform(0.85, 1.0)),
     "fade_white": lambda r: dict(amount=r.uniform(0.85, 1.0)),
     "hue_cycle": lambda r: dict(angle=_sign(r) * r.uniform(120, 360)),
@@ -152,13 +142,16 @@ _PARAMS = {
                                      amount=r.uniform(0.85, 1.0), noise_seed=int(r.integers(2**31))),
     "shatter": lambda r: dict(tiles=int(r.integers(3, 7)), speed=r.uniform(0.6, 1.2), spin=r.uniform(0, 90),
                               center=_center(r), noise_seed=int(r.integers(2**31))),
-    "melt": lambda r: dict(drop=r.uniform(0.3, 0.8), columns=list(r.uniform(0.2, 1.0, int(r.integers(6, 16))))),
+    "melt": lambda r: dict(drop=r.uniform(0.3, 0.8), columns=list(r.uniform(0.2, 1.0, r.integers(6, 16)))),
     "inflate": lambda r: dict(strength=r.uniform(0.4, 0.7), radius=r.uniform(0.5, 1.0), center=_center(r)),
     "ripple": lambda r: dict(amplitude=r.uniform(0.06, 0.14), wavelength=r.uniform(0.25, 0.5),
                              cycles=_sign(r) * r.uniform(1, 3), center=_center(r)),
-    "spin_out": lambda r: dict(angle=_sign(r) * r.uniform(90, 360), scale=r.uniform(0.15, 0.5), center=_center(r, 0.15)),
-    "shake": lambda r: dict(amplitude=r.uniform(0.05, 0.12), freq=r.uniform(2.5, 5), phase=list(r.uniform(0, 2 * math.pi, 2))),
-    "vignette_in": lambda r: dict(radius=r.uniform(0.05, 0.4), softness=r.uniform(0.1, 0.3), center=_center(r, 0.2)),
+    "spin_out": lambda r: dict(angle=_sign(r) * r.uniform(90, 360), scale=r.uniform(0.15, 0.5),
+                               center=_center(r, 0.15)),
+    "shake": lambda r: dict(amplitude=r.uniform(0.05, 0.12), freq=r.uniform(2.5, 5),
+                            phase=list(r.uniform(0, 2 * math.pi, 2))),
+    "vignette_in": lambda r: dict(radius=r.uniform(0.05, 0.4), softness=r.uniform(0.1, 0.3),
+                                  center=_center(r, 0.2)),
     "swirl": lambda r: dict(angle=_sign(r) * r.uniform(180, 360), radius=r.uniform(0.7, 1.4), center=_center(r)),
 }
 
@@ -176,7 +169,7 @@ def sample_params(category, seed):
     if category not in _PARAMS:
         raise ValueError(f"unknown effect category {category!r}; known: {CATEGORIES}")
     r = np.random.default_rng([seed, _crc(category)])
-    return _tidy(dict(_PARAMS[category](r), ease=EASES[int(r.integers(len(EASES)))]))
+    return _tidy(dict(_PARAMS[category](r), ease=list(EASES)[int(r.integers(len(EASES)))]))
 
 
 def _rot(x, y, deg):
@@ -192,7 +185,7 @@ def _warp(img, xs, ys, A, padding="reflection"):
                          align_corners=False)
 
 
-def _radial(img, p, s, x, y, A, factor, padding="reflection"):
+def _radial(img, p, x, y, A, factor, padding="reflection"):
     """Warp with source = centre + (p - centre) * factor(r)."""
     cx, cy = p["center"]
     k = factor(torch.hypot(x - cx, y - cy))
@@ -225,7 +218,7 @@ def _shatter(img, p, s, x, y, A):
     out = torch.zeros(len(s), 3, H, W)
     for i in range(n):
         for j in range(n):  # tile (i,j) spans the unit-frame box [x0,x1] x [y0,y1]
-            x0, x1, y0, y1 = A * (2 * j / n - 1), A * (2 * (j + 1) / n - 1), 2 * i / n - 1, 2 * (i + 1) / n - 1
+            x0, x1, y0, y1 = A * (2 * j / n - 1), A * (2 * j + 2) / n - A, 2 * i / n - 1, (2 * i + 2) / n - 1
             tx, ty = (x0 + x1) / 2, (y0 + y1) / 2
             v = np.array([tx - cx, ty - cy]) + r.normal(0, 0.3, 2)
             v = v / (np.linalg.norm(v) + 1e-6) * p["speed"] * r.uniform(0.6, 1.4)
@@ -250,7 +243,8 @@ _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 def _hue(img, p, s):  # rotating the chroma plane of YIQ turns the hue wheel, luma untouched
     yiq = torch.einsum("ij,jhw->ihw", _YIQ, img)
     i, q = _rot(yiq[1], yiq[2], p["angle"] * s)
-    return torch.einsum("ij,fjhw->fihw", torch.linalg.inv(_YIQ), torch.stack([yiq[0].expand_as(i), i, q], 1))
+    yiq = torch.stack([yiq[0].expand_as(i), i, q], 1)  # [F,3,H,W]
+    return torch.einsum("ij,fjhw->fihw", torch.linalg.inv(_YIQ), yiq)
 
 
 def _melt(img, p, s, x, y, A):
@@ -277,14 +271,15 @@ def _effect(img, c, p, s, t, x, y, A):
         return _spin(img, p, s, x, y, A, 1.0, "reflection")
     if c == "spin_out":
         return _spin(img, p, s, x, y, A, p["scale"] ** s, "zeros")
-    if c == "dolly_zoom":  # factor < 1 outside `radius` magnifies the periphery, centre held
-        ramp = lambda r: ((r - p["radius"]) / 0.6).clamp(0, 1) ** 2 * (3 - 2 * ((r - p["radius"]) / 0.6).clamp(0, 1))
-        return _radial(img, p, s, x, y, A, lambda r: torch.exp(-s * p["strength"] * ramp(r)))
-    if c == "inflate":
-        return _radial(img, p, s, x, y, A, lambda r: 1 - s * p["strength"] * (1 - (r / p["radius"]) ** 2).clamp(min=0))
-    if c == "ripple":
-        wave = lambda r: 1 + p["amplitude"] * s * torch.sin(2 * math.pi * (r / p["wavelength"] - p["cycles"] * t)) / r.clamp(min=1e-6)
-        return _radial(img, p, s, x, y, A, wave)
+    if c == "dolly_zoom":  # factor < 1 past `radius` magnifies the periphery (< 0: shrinks it), centre held
+        ramp = lambda r: EASES["ease_in_out"](((r - p["radius"]) / 0.6).clamp(0, 1))
+        return _radial(img, p, x, y, A, lambda r: torch.exp(-s * p["strength"] * ramp(r)))
+    if c == "inflate":  # monotone in r for strength < 1, so the bulge never folds over
+        bump = lambda r: (1 - (r / p["radius"]) ** 2).clamp(min=0)
+        return _radial(img, p, x, y, A, lambda r: 1 - s * p["strength"] * bump(r))
+    if c == "ripple":  # radial displacement, a wave travelling out (cycles > 0) or in, growing with s
+        wave = lambda r: torch.sin(2 * math.pi * (r / p["wavelength"] - p["cycles"] * t)) / r.clamp(min=1e-6)
+        return _radial(img, p, x, y, A, lambda r: 1 + p["amplitude"] * s * wave(r))
     if c == "swirl":
         cx, cy = p["center"]
         fall = (1 - torch.hypot(x - cx, y - cy) / p["radius"]).clamp(min=0) ** 2
@@ -324,8 +319,10 @@ def apply_effect(image, category, params, frames=17):
     y = ((torch.arange(H, dtype=torch.float32) * 2 + 1) / H - 1).view(1, H, 1)
     x = (((torch.arange(W, dtype=torch.float32) * 2 + 1) / W - 1) * A).view(1, 1, W)
     t = torch.linspace(0, 1, frames).view(-1, 1, 1)
+    if params.get("ease") not in EASES:
+        raise ValueError(f"params['ease'] must be one of {list(EASES)}, got {params.get('ease')!r}")
     try:
-        clip = _effect(img, category, params, ease(t, params["ease"]), t, x, y, A)
+        clip = _effect(img, category, params, EASES[params["ease"]](t), t, x, y, A)
     except KeyError as e:
         raise ValueError(f"params for {category!r} lack key {e}; got {sorted(params)}") from None
     clip = clip.clamp(0, 1)
@@ -335,6 +332,8 @@ def apply_effect(image, category, params, frames=17):
 
 def ground_truth(meta, image=None):
     """Re-render the clip a dataset .json describes, on its own image or on another [3,H,W] image."""
+    if image is None and meta.get("image"):  # a clip made from a picture file (`clip --image`)
+        image = (_data().read_image(meta["image"], meta["height"], meta["width"]) + 1) / 2
     if image is None:
         image = make_image(meta["image_seed"], meta["height"], meta["width"])
     return apply_effect(image, meta["category"], meta["params"], meta["frames"])
@@ -353,30 +352,27 @@ def _gray(a):
 def _phase_corr(a, b):
     """Phase correlation surface(s) of b against a ([...,H,W]); peak at the shift of b's content."""
     H, W = a.shape[-2:]
-    win = torch.hann_window(H, periodic=False, dtype=a.dtype)[:, None] * torch.hann_window(W, periodic=False, dtype=a.dtype)
-    fa = torch.fft.fft2((a - a.mean((-2, -1), keepdim=True)) * win)
-    fb = torch.fft.fft2((b - b.mean((-2, -1), keepdim=True)) * win)
+    hann = lambda n: torch.hann_window(n, periodic=False, dtype=torch.float64)
+    win = hann(H)[:, None] * hann(W)  # tapers the borders, where padding makes content up
+    fa, fb = (torch.fft.fft2((z - z.mean((-2, -1), keepdim=True)) * win) for z in (a, b))
     r = fb * fa.conj()
     return torch.fft.ifft2(r / r.abs().clamp(min=1e-12)).real
 
 
-def _peak(c):
-    """Sub-pixel (parabolic) peak of one wrapped correlation surface -> (dy, dx, height)."""
-    H, W = c.shape
-    i = int(c.argmax())
-    py, px = divmod(i, W)
-    def sub(m, z, p):  # m: values at p-1, p, p+1
-        den = m[0] - 2 * m[1] + m[2]
-        return 0.0 if abs(den) < 1e-12 else float(0.5 * (m[0] - m[2]) / den)
-    dy = py + sub([c[(py - 1) % H, px], c[py, px], c[(py + 1) % H, px]], H, py)
-    dx = px + sub([c[py, (px - 1) % W], c[py, px], c[py, (px + 1) % W]], W, px)
-    return (dy - H if dy > H / 2 else dy), (dx - W if dx > W / 2 else dx), float(c[py, px])
+def _vertex(m0, m1, m2):
+    """Offset in [-1, 1] of the top of the parabola through three samples around a maximum."""
+    den = float(m0 - 2 * m1 + m2)
+    return 0.0 if abs(den) < 1e-12 else max(-1.0, min(1.0, 0.5 * float(m0 - m2) / den))
 
 
 def estimate_shift(a, b):
     """(dy, dx) in pixels that frame b's content moved relative to frame a ([3,H,W] or [H,W])."""
-    dy, dx, _ = _peak(_phase_corr(_gray(a), _gray(b)))
-    return dy, dx
+    c = _phase_corr(_gray(a), _gray(b))
+    H, W = c.shape
+    py, px = divmod(int(c.argmax()), W)
+    dy = py + _vertex(c[py - 1, px], c[py, px], c[(py + 1) % H, px])
+    dx = px + _vertex(c[py, px - 1], c[py, px], c[py, (px + 1) % W])
+    return (dy - H if dy > H / 2 else dy), (dx - W if dx > W / 2 else dx)  # wrap to signed shifts
 
 
 def estimate_scale(a, b, lo=0.4, hi=2.5, steps=64):
@@ -392,30 +388,32 @@ def estimate_scale(a, b, lo=0.4, hi=2.5, steps=64):
     az = F.grid_sample(a.expand(steps, 1, H, W), grid, padding_mode="reflection", align_corners=False)[:, 0]
     score = _phase_corr(az.double(), b).flatten(1).amax(1)
     k = int(score.argmax().clamp(1, steps - 2))
-    m = score[k - 1:k + 2]
-    den = float(m[0] - 2 * m[1] + m[2])
-    off = 0.0 if abs(den) < 1e-12 else max(-1.0, min(1.0, 0.5 * float(m[0] - m[2]) / den))
-    step = math.log(hi / lo) / (steps - 1)
-    return math.exp(math.log(zs[k]) + off * step)
+    return math.exp(math.log(zs[k]) + _vertex(*score[k - 1:k + 2]) * math.log(hi / lo) / (steps - 1))
+
+
+def _pair(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"metrics need equal shapes, got {list(a.shape)} and {list(b.shape)}")
+    return a, b
 
 
 def psnr(a, b, data_range=1.0):
     """PSNR in dB over whole videos (or images); identical inputs give inf."""
-    mse = float(((torch.as_tensor(a).double() - torch.as_tensor(b).double()) ** 2).mean())
+    a, b = _pair(a, b)
+    mse = float(((a - b) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
 
 
 def ssim(a, b, data_range=1.0, size=11, sigma=1.5):
     """Mean SSIM (Wang et al. 2004: 11x11 gaussian window, sigma 1.5, valid region) over every
     frame and channel of [...,C,H,W] inputs."""
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    if a.shape != b.shape:
-        raise ValueError(f"ssim needs equal shapes, got {list(a.shape)} and {list(b.shape)}")
+    a, b = _pair(a, b)
     size = min(size, *a.shape[-2:])
     a, b = a.reshape(-1, 1, *a.shape[-2:]), b.reshape(-1, 1, *b.shape[-2:])
     g = torch.exp(-0.5 * ((torch.arange(size, dtype=a.dtype) - (size - 1) / 2) / sigma) ** 2)
-    w = (g[:, None] * g[None]) / g.sum() ** 2
-    f = lambda z: F.conv2d(z, w[None, None])
+    g = (g / g.sum()).view(1, 1, 1, -1)
+    f = lambda z: F.conv2d(F.conv2d(z, g), g.transpose(2, 3))  # separable gaussian window
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     ma, mb = f(a), f(b)
     va, vb, cov = f(a * a) - ma ** 2, f(b * b) - mb ** 2, f(a * b) - ma * mb
@@ -434,23 +432,31 @@ def clip_seeds(category, index, seed=0, split="train"):
 def write_dataset(root, n_per_category, frames=17, height=64, width=64, fps=8, seed=0,
                   categories=SEEN, split="train", named=False):
     """root/<category>/<NNNN>.mp4 + .txt (caption) + .json (seeds, params: the exact ground truth)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import data
     paths = []
     for cat in categories:
         (Path(root) / cat).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_category):
             image_seed, effect_seed = clip_seeds(cat, i, seed, split)
-            params = sample_params(cat, effect_seed)
-            meta = dict(category=cat, image_seed=image_seed, effect_seed=effect_seed, params=params,
-                        frames=frames, height=height, width=width, fps=fps, split=split,
-                        caption=caption(cat, effect_seed, named))
-            stem = Path(root) / cat / f"{i:04d}"
-            data.write_video(str(stem) + ".mp4", ground_truth(meta), fps=fps)
-            stem.with_suffix(".txt").write_text(meta["caption"] + "\n")
-            stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-            paths.append(str(stem) + ".mp4")
+            meta = dict(category=cat, image_seed=image_seed, effect_seed=effect_seed,
+                        params=sample_params(cat, effect_seed), frames=frames, height=height, width=width,
+                        fps=fps, split=split, caption=caption(cat, effect_seed, named))
+            paths.append(write_clip(Path(root) / cat / f"{i:04d}.mp4", meta))
     return paths
+
+
+def _data():  # the repo's data.py (video I/O); bench/ scripts run with bench/ on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import data
+    return data
+
+
+def write_clip(path, meta, image=None):
+    """path (.mp4) + .txt caption + .json meta beside it; returns str(path)."""
+    path = Path(path)
+    _data().write_video(path, ground_truth(meta, image), fps=meta["fps"])
+    path.with_suffix(".txt").write_text(meta["caption"] + "\n")
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    return str(path)
 
 
 def write_png(path, image):
@@ -473,14 +479,12 @@ def main(args):
     elif args.cmd == "image":
         write_png(args.out, make_image(args.seed, args.size, args.size))
     elif args.cmd == "clip":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import data
-        img = (data.read_image(args.image, args.size, args.size) + 1) / 2 if args.image else \
-            make_image(args.image_seed, args.size, args.size)
-        params = sample_params(args.category, args.seed)
-        data.write_video(args.out, apply_effect(img, args.category, params, args.frames), fps=args.fps)
-        print(json.dumps(dict(category=args.category, effect_seed=args.seed, params=params,
-                              image=args.image or args.image_seed)))
+        meta = dict(category=args.category, image_seed=None if args.image else args.image_seed,
+                    image=args.image, effect_seed=args.seed, params=sample_params(args.category, args.seed),
+                    frames=args.frames, height=args.size, width=args.size, fps=args.fps,
+                    caption=caption(args.category, args.seed))
+        write_clip(args.out, meta)
+        print(json.dumps(meta))
     else:
         cats = HELDOUT if args.heldout else SEEN
         n = len(write_dataset(args.out, args.n, args.frames, args.size, args.size, args.fps, args.seed,

@@ -96,6 +96,8 @@ def test_metrics():
     assert E.psnr(torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.1)) == pytest.approx(20.0)
     with pytest.raises(ValueError, match="equal shapes"):
         E.ssim(a, a[:2])
+    with pytest.raises(ValueError, match="equal shapes"):
+        E.psnr(a, a[0])
 
 
 def test_write_dataset(tmp_path):
@@ -104,7 +106,8 @@ def test_write_dataset(tmp_path):
     paths = E.write_dataset(tmp_path, 2, frames=9, height=32, width=48, fps=8, seed=1, categories=cats)
     assert len(paths) == 4 and sorted(p.name for p in tmp_path.iterdir()) == sorted(cats)
     for c in cats:
-        assert sorted(f.name for f in (tmp_path / c).iterdir()) == [f"000{i}.{e}" for i in range(2) for e in ("json", "mp4", "txt")]
+        names = sorted(f.name for f in (tmp_path / c).iterdir())
+        assert names == [f"000{i}.{e}" for i in range(2) for e in ("json", "mp4", "txt")]
     meta = json.loads((tmp_path / "pan_right" / "0001.json").read_text())
     cap = (tmp_path / "pan_right" / "0001.txt").read_text().strip()
     assert cap == meta["caption"] and cap in E.CAPTIONS and "pan" not in cap
@@ -134,7 +137,10 @@ def test_cli(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     E.main(E.parse_args(["clip", "zoom_in", "--seed", "2", "--image", "img.png", "--size", "32", "--frames", "9",
                          "--out", "ref.mp4"]))
-    assert json.loads(capsys.readouterr().out)["params"] == E.sample_params("zoom_in", 2)
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["params"] == E.sample_params("zoom_in", 2)
+    assert meta == json.loads((tmp_path / "ref.json").read_text())
+    assert torch.equal(E.ground_truth(meta)[0], img)
     assert data.read_video(tmp_path / "ref.mp4", frames=9, fps=8, height=32, width=32).shape == (9, 3, 32, 32)
     E.main(E.parse_args(["dataset", "--out", "fx", "--n", "1", "--size", "16", "--frames", "5", "--heldout"]))
     assert sorted(p.name for p in (tmp_path / "fx").iterdir()) == sorted(E.HELDOUT)

@@ -1,0 +1,167 @@
+"""train.py end to end on tiny models (CPU, fp32, gloo): DDP == one process, SIGTERM + exact resume, bad
+clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.  python -m pytest -q tests/test_train.py"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def moving(kind, k, frames=9, h=64, w=96):
+    """[F,3,H,W] in [0,1]: a square that moves (pan), grows (zoom) or blinks (fade); k varies colour/start."""
+    v = torch.full((frames, 3, h, w), 0.1 + 0.1 * k)
+    for f in range(frames):
+        s = 12 + (3 * f if kind == "zoom" else 0)
+        x = 8 + (6 * f if kind == "pan" else 0) + 4 * k
+        v[f, k % 3, 16:16 + s, x:x + s] = 0.9 if kind != "fade" else f / frames
+    return v
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    for kind in ("pan", "zoom", "fade"):
+        (root / kind).mkdir()
+        for k in range(2):
+            data.write_video(root / kind / f"{k}.mp4", moving(kind, k))
+            (root / kind / f"{k}.txt").write_text(f"a square {kind} video" if k else "")
+    (root / "pan" / "corrupt.mp4").write_bytes(os.urandom(3000))
+    data.write_video(root / "zoom" / "short.mp4", moving("zoom", 0, frames=3))
+    return root
+
+
+ARGS = ["--hypernet", "tiny", "--num-workers", "0", "--warmup", "2", "--lr", "1e-3", "--a", "8", "--b", "4"]
+
+
+def train(model_dir, data_dir, out, *args, nproc=1, check=True, **kw):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(model_dir), "--data", str(data_dir),
+           "--out", str(out), *ARGS, *map(str, args)]
+    if nproc > 1:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def losses(run):
+    return [json.loads(l)["loss"] for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(ckpt):
+    return {k: v for k, v in load_file(str(ckpt)).items() if k.startswith(("hypernet.", "lora."))}
+
+
+def close(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)
+        assert err <= tol, f"{k}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model_dir, clips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    data.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, clips, cache, tmp_path_factory):
+    """One process, batch 2, 4 steps = one epoch, so every clip is visited (from the cache: the tiny VAE is
+    the slow part on CPU): the reference the other tests compare to."""
+    out = tmp_path_factory.mktemp("straight")
+    r = train(tiny_model_dir, clips, out, "--steps", 4, "--batch-size", 2, "--save-every", 1, "--keep", 3,
+              "--cache", cache)
+    return out, r.stdout + r.stderr
+
+
+def test_log_and_checkpoints(straight, tiny_model_dir):
+    out, log = straight
+    lines = [l for l in log.splitlines() if l.startswith("step ")]
+    assert len(lines) == 4 and all(" | loss " in l and " videos/s | mem " in l for l in lines), log
+    assert [p.name for p in sorted(out.glob("ckpt-*"))] == [f"ckpt-00000{i}.safetensors" for i in (2, 3, 4)]
+    assert len(losses(out)) == 4 and all(l > 0 for l in losses(out))
+    bad = (out / "bad_clips.txt").read_text()
+    assert "corrupt.mp4" in bad and "short.mp4" in bad, bad
+    # no frozen weight in the checkpoint: only the trainable part, its AdamW moments and small extras
+    ckpt = out / "ckpt-000004.safetensors"
+    with safe_open(str(ckpt), "pt") as fh:
+        keys = list(fh.keys())
+        meta = json.loads(fh.metadata()["meta"])
+    assert meta["step"] == 4 and meta["samples"] == 8 and meta["epoch"] == 1 and meta["args"]["batch_size"] == 2
+    assert all(k.startswith(("hypernet.", "lora.", "optim.", "rng.")) for k in keys), keys
+    n_bytes = sum(v.numel() * 4 for v in weights(ckpt).values())
+    assert ckpt.stat().st_size < 3 * n_bytes + 100_000
+    dit_keys = set(load_file(str(next((tiny_model_dir / "transformer").glob("*.safetensors")))))
+    assert not dit_keys & {k.split(".", 1)[1] for k in keys}
+
+
+def test_no_cache_same_losses(straight, tiny_model_dir, clips, tmp_path):
+    """Reading and encoding videos every step == the cache (which holds bf16 posteriors and T5 outputs, hence
+    1e-3 and not 1e-6); bad clips are skipped and listed on this path too."""
+    out, _ = straight
+    train(tiny_model_dir, clips, tmp_path, "--steps", 2, "--batch-size", 2)
+    assert losses(tmp_path) == pytest.approx(losses(out)[:2], rel=1e-3)
+    assert "corrupt.mp4" in (tmp_path / "bad_clips.txt").read_text()
+
+
+def test_ddp_equals_one_process(straight, tiny_model_dir, clips, cache, tmp_path):
+    """2 processes x batch 1 == 1 process x batch 2: same samples, same per-sample noise, averaged grads."""
+    out, _ = straight
+    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, nproc=2)
+    assert losses(tmp_path) == pytest.approx(losses(out)[:3], rel=1e-5)
+    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 1e-4)
+
+
+def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tmp_path):
+    """SIGTERM (preemption) saves at the end of the step and exits 0; --resume then gives the uninterrupted
+    run's losses and weights exactly, skipping a half-written temporary file and a damaged checkpoint."""
+    out, _ = straight
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(clips), "--out",
+           str(tmp_path), "--cache", str(cache), *ARGS, "--steps", "3", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if line.startswith("step 1 |"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(log)
+    ckpts = sorted(tmp_path.glob("ckpt-*.safetensors"))
+    assert "SIGTERM" in "".join(log) and len(ckpts) == 1 and ckpts[0].name < "ckpt-000003", "".join(log)
+    (tmp_path / "ckpt-000003.safetensors.tmp").write_bytes(b"\0" * 100)  # what a kill during a save leaves
+    (tmp_path / "ckpt-000099.safetensors").write_bytes(b"garbage")  # e.g. a full disk
+    r = train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 2, "--cache", cache, "--resume")
+    assert f"resumed from {ckpts[0]}" in r.stdout, r.stdout
+    assert losses(tmp_path) == losses(out)[:3]
+    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 0)
+
+
+def test_nonfinite_steps(tiny_model_dir, clips, cache, tmp_path):
+    r = train(tiny_model_dir, clips, tmp_path, "--steps", 8, "--save-every", 1, "--keep", 10, "--cache", cache,
+              "--debug-nan-at", "2,4,5", "--max-bad-steps", 2, check=False)
+    assert r.returncode == 1 and "non-finite steps in a row" in r.stdout, r.stdout + r.stderr
+    rec = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped"] for x in rec] == [0, 1, 1, 2, 3]
+    close(weights(tmp_path / "ckpt-000002.safetensors"), weights(tmp_path / "ckpt-000001.safetensors"), 0)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [f"ckpt-00000{i}.safetensors" for i in (1, 2, 3, 4)]
+
+
+def test_fsdp2_checkpointing(straight, tiny_model_dir, clips, cache, tmp_path):
+    """FSDP2 on CPU/gloo shards the frozen DiT per block; with recomputed activations the result is unchanged."""
+    out, _ = straight
+    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, "--fsdp",
+          "--checkpointing", nproc=2)
+    assert losses(tmp_path) == pytest.approx(losses(out)[:3], rel=1e-5)
+    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 1e-4)

@@ -1,0 +1,387 @@
+"""Train Video2LoRA (hypernetwork + LightLoRA auxiliary factors) on a frozen CogVideoX image-to-video model.
+
+    python train.py --model CogVideoX-5b-I2V --data clips/ --out runs/v2l                    # CPU or one GPU
+    torchrun --nproc_per_node 8 train.py --model ... --data ... [--cache cache/] --out runs/v2l --checkpointing
+    torchrun ... (same arguments) --resume        # continue exactly from the newest RUN/ckpt-*.safetensors
+    python sample.py ref.mp4 img.png --model ... --ckpt runs/v2l/ckpt-020000.safetensors
+
+Objective = the official CogVideoX I2V training (cogvideox-spec §4.2): v-prediction MSE at t ~ U{0..999};
+image condition = the first frame + exp(N(-3, 0.5^2)) pixel noise, VAE-encoded and zero-padded over the
+latent frames; the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward.
+Layouts: DiT B F C H W, VAE B C T H W. Every random draw of a sample comes from a generator seeded by
+(seed, global sample number), so 1 process x batch 2 == 2 processes x batch 1, and --resume is exact
+without any RNG state to restore.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm import tqdm
+
+import data
+import hypernet
+import model
+import sample
+import vae as vae_lib
+
+p = argparse.ArgumentParser(description="train Video2LoRA on a frozen CogVideoX I2V model")
+p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)")
+p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest")
+p.add_argument("--cache", help="folder built by `python data.py cache` with the same frames/fps/size")
+p.add_argument("--out", required=True, help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
+p.add_argument("--steps", type=int, default=20000)
+p.add_argument("--batch-size", type=int, default=1, help="per process")
+p.add_argument("--lr", type=float, default=1e-4, help="the paper's (the authors' code ran 1e-5)")
+p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+p.add_argument("--cosine", action="store_true", help="cosine decay to 0 after warmup (default: constant)")
+p.add_argument("--weight-decay", type=float, default=0.03, help="as the authors' code")
+p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm over all trainable parameters")
+p.add_argument("--frames", type=int, help="default: the model's sample_frames")
+p.add_argument("--height", type=int, help="default: the model's sample_height x 8")
+p.add_argument("--width", type=int, help="default: the model's sample_width x 8")
+p.add_argument("--fps", type=float, default=8)
+p.add_argument("--hypernet", default="default", help="hypernet.py preset")
+p.add_argument("--k", type=int, help="refinement passes (default: the preset's)")
+p.add_argument("--a", type=int, default=100)
+p.add_argument("--b", type=int, default=50)
+p.add_argument("--r", type=int, default=1)
+p.add_argument("--layers", choices=("attn", "all"), default="attn")
+p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty prompt's T5 embedding")
+p.add_argument("--log-every", type=int, default=1)
+p.add_argument("--save-every", type=int, default=400)
+p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints")
+p.add_argument("--eval-every", type=int, default=0, help="sample validation videos every N steps (0: never)")
+p.add_argument("--eval-data", help="held-out clips for validation (default: the first training clips)")
+p.add_argument("--eval-n", type=int, default=2)
+p.add_argument("--eval-steps", type=int, default=20, help="denoising steps of a validation video")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+p.add_argument("--fsdp", action="store_true", help="shard the frozen DiT per block with FSDP2 (needs torchrun)")
+p.add_argument("--checkpointing", action="store_true", help="recompute each DiT block's activations in backward")
+p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+p.add_argument("--num-workers", type=int, default=2, help="video decoding processes per rank")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+# bf16 is what the 5B models were trained in; on CPU bf16 matmuls are slow and fp32 keeps tests tight.
+p.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen models (default: bf16 on cuda, fp32 on cpu)")
+p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+p.add_argument("--debug-nan-at", default="", help="test hook: comma-separated steps whose loss is made NaN")
+
+RANK, WORLD, LOCAL = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+STOP = []  # set by SIGTERM/SIGINT; acted on at the end of the current step
+
+
+def print0(*a):
+    if RANK == 0:
+        tqdm.write(" ".join(map(str, a)))
+
+
+def on_signal(signum, frame):
+    if not STOP:
+        print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+    STOP.append(signum)
+
+
+class Positions(torch.utils.data.Dataset):
+    """Global sample number n -> item. Epoch n // N shuffles the clips with a permutation seeded by (seed,
+    epoch); a bad clip (None from VideoPairs, which lists it in bad_clips.txt) is replaced by the next one of
+    the permutation, so the stream is a pure function of n whatever the workers, ranks or restarts."""
+
+    def __init__(self, pairs, seed):
+        self.pairs, self.seed, self.perm = pairs, seed, (None, None)
+
+    def __getitem__(self, n):
+        N = len(self.pairs)
+        epoch, i = divmod(n, N)
+        if self.perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self.perm = (epoch, torch.randperm(N, generator=g).tolist())
+        self.pairs.set_epoch(epoch)
+        for k in range(N):
+            item = self.pairs[self.perm[1][(i + k) % N]]
+            if item is not None:
+                return dict(item, n=n)
+        raise RuntimeError("no usable clip left in the data set (see bad_clips.txt in the run folder)")
+
+
+def positions(start, bs):
+    """This rank's share of the global sample numbers, from `start` on: step s takes [s*W*bs, (s+1)*W*bs)."""
+    while True:
+        yield from range(start + RANK * bs, start + (RANK + 1) * bs)
+        start += WORLD * bs
+
+
+def checkpoints(run):
+    """Complete checkpoints, oldest first (hypernet.save writes 'ckpt-N.safetensors.tmp', then renames)."""
+    found = [(int(m[1]), f) for f in run.glob("ckpt-*.safetensors") if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name))]
+    return [f for _, f in sorted(found)]
+
+
+def lr_at(step, args):
+    warm = min(1.0, step / max(1, args.warmup))
+    if not args.cosine or step <= args.warmup:
+        return args.lr * warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+
+
+def posterior(mean, logvar, eps):
+    """DiagonalGaussian sample, logvar clamped to [-30, 20] as in diffusers."""
+    return mean.float() + (0.5 * logvar.float().clamp(-30, 20)).exp() * eps
+
+
+def main(args):
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", LOCAL)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if WORLD > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif args.fsdp:
+        sys.exit("--fsdp shards the DiT over processes: run under torchrun with more than one process")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    amp = torch.autocast(device.type, torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    run, mdir = Path(args.out), Path(args.model)
+    run.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    nan_steps = {int(s) for s in args.debug_nan_at.split(",") if s}
+
+    # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
+    dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
+    vae = vae_lib.load_vae(mdir / "vae", dtype, device).eval().requires_grad_(False)
+    cfg, sf = dit.config, vae.config.scaling_factor
+    # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
+    # the same, so train and sample see the same condition.
+    img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
+    frames = args.frames or cfg.sample_frames
+    height, width = args.height or cfg.sample_height * vae.spatial_compression, args.width or cfg.sample_width * vae.spatial_compression
+    sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
+    A = sample.alphas_cumprod(sched_cfg).float()
+    cache = data.Cache(args.cache) if args.cache else None
+    t5 = tok = None
+    if cache is None or not cache.has_text("") or args.eval_every:
+        tok, t5 = model.Tokenizer(mdir / "tokenizer"), model.load_t5(mdir / "text_encoder", dtype, device)
+    memo = {}  # T5 output per distinct caption, kept on the CPU (4K captions x 226 x 4096 bf16 = 7 GB)
+
+    def embed(caption):
+        if cache is not None and cache.has_text(caption):
+            return cache.text(caption)
+        if caption not in memo:
+            with torch.no_grad():
+                memo[caption] = t5(tok([caption]).to(device))[0].cpu()
+        return memo[caption]
+    empty = embed("")  # caption dropout -> T5(""), diffusers' negative prompt (SAT used an all-zero context)
+    if cache is not None and not args.eval_every:
+        t5 = None  # T5-XXL is 9.5 GB in bf16; kept only for the validation videos' prompts
+
+    # ---- trainable Video2LoRA (fp32 master weights) -------------------------------------------------------
+    ckpts = checkpoints(run) if args.resume else []
+    meta = None
+    while ckpts:  # the newest that opens; a damaged file (e.g. disk full) falls back to the one before
+        try:
+            v2l, meta = hypernet.load(ckpts[-1], dit, device)
+            break
+        except Exception as e:
+            print0(f"warning: cannot read {ckpts.pop()} ({e}); trying an older checkpoint")
+    if args.resume and meta is None:
+        print0(f"--resume: no checkpoint in {run}, starting from scratch")
+    if meta is None:
+        torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        if args.hypernet not in hypernet.presets:
+            sys.exit(f"--hypernet {args.hypernet!r}: presets are {sorted(hypernet.presets)}")
+        hcfg = hypernet.presets[args.hypernet]
+        hcfg = dataclasses.replace(hcfg, iters=args.k) if args.k else hcfg
+        v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).to(device)
+    v2l = v2l.float().train()
+    names = [n for n, _ in v2l.named_parameters()]
+    print0(f"Video2LoRA: {sum(p.numel() for p in v2l.parameters()) / 1e6:.2f} M trainable parameters, "
+           f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B in {dtype}")
+
+    # ---- wrap: activation checkpointing, FSDP2 for the frozen DiT, DDP for the trainable part ----------------
+    for blk in dit.transformer_blocks:
+        if args.checkpointing:  # an instance-level forward keeps module names (and the lora keys) unchanged
+            blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
+        if args.compile:
+            blk.compile()
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for blk in dit.transformer_blocks:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(dit, mp_policy=mp)
+    net = v2l
+    if WORLD > 1:  # one module: hypernet and aux factors are averaged together (the authors' aux were not)
+        net = torch.nn.parallel.DistributedDataParallel(v2l, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(v2l.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
+    step, samples = 0, 0
+    if meta is not None:
+        step, samples = meta["step"], meta["samples"]
+        with safe_open(str(ckpts[-1]), "pt", device=str(device)) as fh:
+            state = {}
+            for key in fh.keys():
+                if key.startswith("optim."):  # optim.<parameter name>.<field>
+                    n, field = key[6:].rsplit(".", 1)
+                    state.setdefault(names.index(n), {})[field] = fh.get_tensor(key)
+            if "rng.torch" in fh.keys():
+                torch.set_rng_state(fh.get_tensor("rng.torch").cpu())
+        for s in state.values():
+            s["step"] = s["step"].cpu()  # AdamW keeps its step count on the CPU
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        changed = {k: (v, getattr(args, k)) for k, v in meta["args"].items()
+                   if k not in ("steps", "resume", "out") and getattr(args, k, v) != v}
+        print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})" + (f"; changed arguments {changed}" if changed else ""))
+        if RANK == 0 and (run / "metrics.jsonl").is_file():  # drop lines logged after that checkpoint
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+
+    def save():
+        if RANK == 0:
+            sd = opt.state_dict()["state"]
+            extra = {f"optim.{names[i]}.{k}": v for i, s in sd.items() for k, v in s.items()}
+            extra["rng.torch"] = torch.get_rng_state()  # unused by the maths (see the docstring), kept for tools
+            info = dict(step=step, samples=samples, epoch=samples // len(pairs), index=samples % len(pairs), args=vars(args))
+            hypernet.save(run / f"ckpt-{step:06d}.safetensors", v2l, extra=extra, meta=info)  # tmp file + rename
+            for old in checkpoints(run)[:-max(1, args.keep)]:
+                old.unlink()
+            print0(f"saved {run / f'ckpt-{step:06d}.safetensors'}")
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    pairs = data.VideoPairs(data.scan(args.data), frames, args.fps, height, width, args.seed, cache, run)
+    loader = iter(torch.utils.data.DataLoader(
+        Positions(pairs, args.seed), batch_size=args.batch_size,
+        sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers))
+    print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x batch "
+           f"{args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
+
+    @torch.no_grad()
+    def batch_inputs(items):
+        """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
+        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
+        draw = lambda g, shape: torch.randn(shape, generator=g).to(device)
+        drop = [torch.rand((), generator=g).item() < args.caption_dropout for g in gens]
+        t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
+        sigma = torch.stack([(torch.randn((), generator=g) * 0.5 - 3).exp() for g in gens]).to(device)
+        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W], [-1,1]
+        first = first + sigma[:, None, None, None] * torch.stack([draw(g, first.shape[1:]) for g in gens])
+        if cache:
+            mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
+            ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
+        else:
+            vid = torch.stack([it[k] for k in ("video", "ref") for it in items]).to(device, dtype)
+            mean, logvar = vae.encode(vid.transpose(1, 2))  # targets then references, [2B,F,3,H,W] -> [2B,3,F,H,W]
+            mean, logvar, ref = mean[:len(items)], logvar[:len(items)], mean[len(items):]
+        x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
+        im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
+        img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
+        x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
+        ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
+        if cfg.patch_size_t and x0.shape[1] % 2:  # 1.5: duplicate latent frame 0 in front (spec §4.2)
+            x0 = torch.cat([x0[:, :1], x0], 1)
+        img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
+        eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
+        a = A.to(device)[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        text = torch.stack([empty if d else (it["text"] if "text" in it else embed(it["caption"]))
+                            for d, it in zip(drop, items)]).to(device, dtype)
+        ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None
+        return torch.cat([x_t, img], 2).to(dtype), text, t, ofs, ref, v
+
+    def validate():
+        """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
+        sample.py's pipeline on the loaded modules. Every rank runs it (an FSDP-sharded DiT needs all of them)."""
+        vp = data.VideoPairs(data.scan(args.eval_data or args.data), frames, args.fps, height, width, args.seed)
+        pipe = sample.Pipeline(dit, vae, t5, tok, sched_cfg, v2l=v2l.eval(), device=device, dtype=dtype)
+        items = [it for it in (vp[i] for i in range(min(len(vp), 4 * args.eval_n))) if it is not None][:args.eval_n]
+        for i, it in enumerate(items):
+            ref = (it["ref"] + 1) / 2
+            video = pipe.generate((it["video"][0] + 1) / 2, it["caption"], ref=ref, steps=args.eval_steps, seed=i)
+            if RANK == 0:
+                (run / "samples").mkdir(exist_ok=True)
+                data.write_video(run / "samples" / f"step-{step:06d}-{i}.mp4", torch.cat([ref, video], 3), args.fps)
+        v2l.train()
+        print0(f"validation: {len(items)} videos in {run / 'samples'}")
+
+    # ---- loop -----------------------------------------------------------------------------------------------
+    metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
+    bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
+    bad_in_row, skipped, saved_at = 0, 0, step
+    while step < args.steps and not STOP:
+        t0 = time.perf_counter()
+        step += 1
+        items = next(loader)
+        x, text, t, ofs, ref, v = batch_inputs(items)
+        with amp:
+            lora = net(ref)
+            pred = dit(x, text, t, ofs=ofs, lora=lora)
+        loss = F.mse_loss(pred.float(), v)
+        if step in nan_steps:
+            loss = loss * float("nan")
+        loss.backward()
+        stats = torch.tensor([loss.item(), float(bool(STOP))], dtype=torch.float64, device=device)
+        if WORLD > 1:  # average loss over ranks and share a stop signal that reached only some of them
+            dist.all_reduce(stats)
+        loss_avg, stop = stats[0].item() / WORLD, stats[1].item() > 0
+        gnorm = torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
+        lr = lr_at(step, args)
+        if math.isfinite(loss_avg) and torch.isfinite(gnorm):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            bad_in_row = 0
+        else:
+            skipped += 1
+            bad_in_row += 1
+            print0(f"step {step}: non-finite loss/gradient ({loss_avg}, grad norm {gnorm.item()}), step skipped")
+        opt.zero_grad(set_to_none=True)
+        samples += WORLD * args.batch_size
+        dt = time.perf_counter() - t0
+        mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        rec = dict(step=step, loss=loss_avg, lr=lr, s_per_step=dt, videos_per_s=WORLD * args.batch_size / dt,
+                   mem_gb=mem, grad_norm=gnorm.item(), skipped=skipped)
+        if RANK == 0:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step % args.log_every == 0:
+            print0(f"step {step} | loss {loss_avg:.4f} | lr {lr:.2e} | {dt:.2f} s/step | "
+                   f"{rec['videos_per_s']:.2f} videos/s | mem {mem:.1f} GB")
+        if bad_in_row >= args.max_bad_steps:
+            last = checkpoints(run)
+            print0(f"stopping: {bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is "
+                   f"{last[-1] if last else '(none yet)'} (lower --lr, check the data, or raise --max-bad-steps)")
+            sys.exit(1)
+        if STOP or stop:
+            STOP.append(signal.SIGTERM)
+        if step % args.save_every == 0 or step == args.steps or STOP:
+            save()
+            saved_at = step
+        if args.eval_every and step % args.eval_every == 0:
+            validate()
+    if saved_at != step:
+        save()
+    bar.close()
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(p.parse_args())

@@ -1,8 +1,8 @@
-"""Video data for video2lora: PyAV reading/writing, datasets with same-category reference pairs,
-and an on-disk cache of VAE posteriors and T5 embeddings.
+"""Video data for video2lora: PyAV reading/writing, datasets of (target, same-category reference)
+pairs, and an on-disk cache of VAE posteriors and T5 embeddings.
 
-Videos here are [F,3,H,W] (frame-major, as read); the cache stores VAE.encode's output per clip in
-the VAE layout [C,F',h,w]. Build a cache (also under torchrun, ranks split the clips):
+Videos are [F,3,H,W] in [-1,1] as read; the cache keeps VAE.encode's output per clip in the VAE
+layout [C,F',h,w]. Build a cache (under torchrun the ranks split the clips):
     python data.py cache --model CogVideoX-5b-I2V --data clips/ --out cache/
 """
 import argparse
@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from collections import namedtuple
 from datetime import timedelta
 from fractions import Fraction
 from functools import partial
@@ -26,24 +26,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+log = logging.getLogger("data")
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
+
 
 class VideoError(Exception):
     """A video or image that cannot be used; the message names the file and the reason."""
 
 
-def _cover_crop(x, height, width):
-    """uint8 [N,h,w,3] -> uint8 [N,3,height,width]: resize the short side to cover, centre-crop."""
-    x = x.permute(0, 3, 1, 2)  # a channels-last view, which is what the fast uint8 kernel wants
+def _rgb(frame, height, width):
+    """PyAV frame -> uint8 [3,height,width]: resize the short side to cover, centre-crop."""
+    x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)[None]  # channels-last view
     h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    if (nh, nw) != (h, w):  # antialias so downscaling 1080p does not alias; uint8 is ~6x faster than float
+    if (nh, nw) != (h, w):  # antialias so 1080p does not alias; uint8 runs ~6x faster than float here
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - height) // 2, (nw - width) // 2
-    return x[:, :, top:top + height, left:left + width]
+    return x[0, :, top:top + height, left:left + width]
 
 
-def _to_float(x):  # uint8 -> [-1,1], in place after the one allocation (large fresh allocations are slow)
+def _to_float(x):  # in place after one allocation: fresh large allocations dominated the read time
     return x.float().div_(127.5).sub_(1)
 
 
@@ -52,33 +55,29 @@ def _open(path):
         raise VideoError(f"{path}: no such file")
     try:
         c = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"{path}: cannot open ({e})") from None
-    if not c.streams.video:
-        c.close()
-        raise VideoError(f"{path}: no video stream")
-    return c
+        c.streams.video[0]
+        return c
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+        raise VideoError(f"{path}: cannot open as a video ({e or 'no video stream'})") from None
 
 
 def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False):
-    """-> [frames,3,height,width] in [-1,1]. Frame i is the source frame shown at time start + i/fps
-    (the latest with pts <= that time), so any source frame rate gives the same motion speed.
+    """-> [frames,3,height,width] in [-1,1]. Frame i is the source frame on screen at time
+    start + i/fps (the latest with pts <= it), so any source frame rate gives the same motion speed.
     allow_short=True pads a short video by repeating its last frame and returns (video, n_real)."""
     with _open(path) as c:
         stream = c.streams.video[0]
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or fps)
-        targets, picked, prev, t = None, [], None, None
+        targets, picked, prev, t = None, [], None, 0.0
         try:
             for n, f in enumerate(c.decode(stream)):
                 t = f.time if f.pts is not None else n / rate
-                if targets is None:
-                    targets = [t + i / fps for i in range(frames)]
-                # a target strictly before this frame is shown by the previous frame
-                while len(picked) < frames and targets[len(picked)] < t - 1e-6:
+                targets = targets or [t + i / fps for i in range(frames)]
+                while len(picked) < frames and targets[len(picked)] < t - 1e-6:  # shown by the previous frame
                     picked.append(prev)
                 if len(picked) == frames:
-                    break  # past the last target: no need to decode the rest
+                    break  # past the last target: the rest need not be decoded
                 prev = f
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed after {len(picked)} sampled frames ({e})") from None
@@ -88,32 +87,27 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
         while len(picked) < frames and targets[len(picked)] < end - 1e-6:
             picked.append(prev)
         n_real = len(picked)
-        if n_real < frames:
-            if not allow_short:
-                raise VideoError(f"{path}: too short: {end - targets[0]:.2f} s at {rate:g} fps gives "
-                                 f"{n_real} frames at {fps:g} fps, needs {frames} ({frames / fps:.2f} s)")
-            picked += [prev] * (frames - n_real)
-        # convert each distinct source frame once (a low-fps source repeats frames)
-        arrays = {}
-        for f in picked:
-            if id(f) not in arrays:
-                arrays[id(f)] = _cover_crop(torch.from_numpy(f.to_ndarray(format="rgb24"))[None], height, width)[0]
-        video = _to_float(torch.stack([arrays[id(f)] for f in picked]))
+        if n_real < frames and not allow_short:
+            raise VideoError(f"{path}: too short: {end - targets[0]:.2f} s at {rate:g} fps gives {n_real} frames "
+                             f"at {fps:g} fps, needs {frames} ({frames / fps:.2f} s)")
+        picked += [prev] * (frames - n_real)
+        rgb = {id(f): f for f in picked}  # each distinct source frame converted once (low-fps sources repeat)
+        rgb = {k: _rgb(f, height, width) for k, f in rgb.items()}
+        video = _to_float(torch.stack([rgb[id(f)] for f in picked]))
     return (video, n_real) if allow_short else video
 
 
 def read_image(path, height, width):
-    """png/jpg/... (anything FFmpeg decodes as a single frame) -> [3,height,width] in [-1,1]."""
+    """png/jpg/... (anything FFmpeg decodes as one frame) -> [3,height,width] in [-1,1]."""
     with _open(path) as c:
         try:
-            f = next(c.decode(video=0))
+            return _to_float(_rgb(next(c.decode(video=0)), height, width))
         except (av.FFmpegError, StopIteration) as e:
             raise VideoError(f"{path}: cannot decode image ({e or 'no frames'})") from None
-        return _to_float(_cover_crop(torch.from_numpy(f.to_ndarray(format="rgb24"))[None], height, width)[0])
 
 
 def write_video(path, video, fps=8, crf=18):
-    """[F,3,H,W] float in [0,1] -> H.264 (yuv420p) file, written to a temporary file then renamed.
+    """[F,3,H,W] float in [0,1] -> H.264 yuv420p file, via a temporary file and a rename.
     yuv420p needs even sizes: an odd height/width is padded by repeating the last row/column."""
     if video.ndim != 4 or video.shape[1] != 3:
         raise ValueError(f"write_video {path}: expected [F,3,H,W], got {tuple(video.shape)}")
@@ -125,8 +119,7 @@ def write_video(path, video, fps=8, crf=18):
     try:
         with av.open(str(tmp), "w") as c:
             s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            s.width, s.height, s.pix_fmt = x.shape[2], x.shape[1], "yuv420p"
-            s.options = {"crf": str(crf)}
+            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", {"crf": str(crf)}
             for frame in x:
                 c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             c.mux(s.encode(None))
@@ -136,76 +129,57 @@ def write_video(path, video, fps=8, crf=18):
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets: root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a CSV/JSONL manifest
-# ---------------------------------------------------------------------------------------------
-VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
-log = logging.getLogger("data")
-
-
-@dataclass(frozen=True)
-class Clip:
-    path: str
-    caption: str
-    category: str
+# ---- datasets: root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a CSV/JSONL manifest ----
+Clip = namedtuple("Clip", "path caption category")
 
 
 def scan(path):
     """A folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest (columns video, caption,
-    category; video paths relative to the manifest) -> list[Clip], in a stable order."""
+    category; video paths relative to the manifest) -> list[Clip] in a stable order."""
     path = Path(os.path.abspath(path))
     if path.is_dir():
-        clips = [Clip(str(v), v.with_suffix(".txt").read_text().strip() if v.with_suffix(".txt").is_file() else "",
-                      d.name)
-                 for d in sorted(p for p in path.iterdir() if p.is_dir())
+        txt = lambda v: v.with_suffix(".txt").read_text().strip() if v.with_suffix(".txt").is_file() else ""
+        clips = [Clip(str(v), txt(v), d.name) for d in sorted(p for p in path.iterdir() if p.is_dir())
                  for v in sorted(d.iterdir()) if v.suffix.lower() in VIDEO_EXTS]
-    elif path.suffix.lower() in (".csv", ".jsonl"):
+    elif path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
         with open(path, newline="") as fh:
-            rows = (list(csv.DictReader(fh)) if path.suffix.lower() == ".csv"
-                    else [json.loads(line) for line in fh if line.strip()])
-        clips = []
+            rows = list(csv.DictReader(fh)) if path.suffix.lower() == ".csv" else [json.loads(l) for l in fh if l.strip()]
         for n, r in enumerate(rows, 1):
             if not r.get("video") or r.get("category") is None:
                 raise ValueError(f"{path}: row {n} needs 'video' and 'category' (has {sorted(r)})")
-            clips.append(Clip(str(path.parent / r["video"]), (r.get("caption") or "").strip(), str(r["category"])))
-    elif not path.exists():
-        raise FileNotFoundError(f"data {path} does not exist")
+        clips = [Clip(str(path.parent / r["video"]), (r.get("caption") or "").strip(), str(r["category"])) for r in rows]
     else:
-        raise ValueError(f"data {path}: expected a folder root/<category>/<clip> or a .csv/.jsonl manifest")
+        raise FileNotFoundError(f"data {path}: expected a folder root/<category>/<clip> or a .csv/.jsonl manifest")
     if not clips:
         raise ValueError(f"data {path}: no clips found (video extensions: {' '.join(sorted(VIDEO_EXTS))})")
     return clips
 
 
 def pair(clips, i, seed, epoch, groups):
-    """Reference for target i: another clip of its category, a pure function of (seed, epoch, i) so
-    every worker/rank and a resumed run agree. A category with one clip pairs it with itself."""
+    """Reference for target i: another clip of its category, a pure function of (seed, epoch, i) so all
+    workers, ranks and resumed runs agree (str seeds go through sha512, not PYTHONHASHSEED)."""
     others = [j for j in groups[clips[i].category] if j != i]
-    # str seeds go through sha512 in `random`, independent of PYTHONHASHSEED
     return random.Random(f"{seed}:{epoch}:{i}").choice(others) if others else i
 
 
 class VideoPairs(torch.utils.data.Dataset):
-    """item i -> {"video", "ref", "caption", "index", "ref_index"} (+ "text" [L,D] with a cache),
-    or None when the target or its reference is unusable. Without a cache "video"/"ref" are
-    [F,3,H,W] in [-1,1]; with one they are {"mean","logvar"} bf16 [C,F',h,w] (VAE layout).
-    Bad clips are logged once and listed in run_dir/bad_clips.txt (shared by workers and ranks)."""
+    """item i -> {"video", "ref", "caption", "index", "ref_index"}, or None when the target or its
+    reference is unusable. Without a cache "video"/"ref" are [F,3,H,W] in [-1,1]; with one they are
+    {"mean","logvar"} bf16 [C,F',h,w] (VAE layout), plus "text" [L,D] bf16 and "first" [3,H,W] (frame
+    0 in [-1,1], bit-equal to read_video's). Each bad clip is logged once and listed in
+    run_dir/bad_clips.txt (path TAB reason), which also tells other workers and ranks it was reported."""
 
     def __init__(self, clips, frames=49, fps=8, height=480, width=720, seed=0, cache=None, run_dir=None):
-        self.clips, self.frames, self.fps, self.size, self.seed, self.cache = clips, frames, fps, (height, width), seed, cache
-        self.epoch, self.bad = 0, {}
+        self.clips, self.frames, self.fps, self.size, self.seed = clips, frames, fps, (height, width), seed
+        self.cache, self.epoch, self.bad, self.groups = cache, 0, {}, {}
         self.bad_file = Path(run_dir) / "bad_clips.txt" if run_dir is not None else None
-        self.groups = {}
         for i, c in enumerate(clips):
             self.groups.setdefault(c.category, []).append(i)
-        single = sorted(k for k, v in self.groups.items() if len(v) == 1)
-        if single:
-            log.warning(f"warning: {len(single)} categories have a single clip, which is its own reference: "
-                        + ", ".join(single))
+        if single := sorted(k for k, v in self.groups.items() if len(v) == 1):
+            log.warning(f"warning: {len(single)} categories have one clip, its own reference: {', '.join(single)}")
         want = dict(frames=frames, fps=fps, height=height, width=width)
         if cache is not None and {k: cache.settings[k] for k in want} != want:
-            raise ValueError(f"cache {cache.root} was built with {cache.settings}, "
-                             f"not frames={frames} fps={fps} height={height} width={width}")
+            raise ValueError(f"cache {cache.root} was built with {cache.settings}, not {want}")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -213,23 +187,18 @@ class VideoPairs(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.clips)
 
-    def _mark_bad(self, clip, reason):
-        if clip.path in self.bad:
-            return
+    def _mark_bad(self, clip, reason):  # -> None, so `return self._mark_bad(...)` drops the item
+        if clip.path not in self.bad and clip.path not in self.bad_clips():
+            if self.bad_file is not None:
+                with open(self.bad_file, "a") as fh:  # one short append: atomic across workers
+                    fh.write(f"{clip.path}\t{reason}\n")
+            log.warning(f"warning: skipping {clip.path}: {reason}")
         self.bad[clip.path] = reason
-        if self.bad_file is not None:
-            if self.bad_file.is_file() and any(l.split("\t")[0] == clip.path for l in self.bad_file.read_text().splitlines()):
-                return  # another worker or rank already reported it
-            with open(self.bad_file, "a") as fh:
-                fh.write(f"{clip.path}\t{reason}\n")
-        log.warning(f"warning: skipping {clip.path}: {reason}")
 
     def bad_clips(self):
-        """{path: reason} of every clip found unusable so far, in this process or (via the file) any other."""
-        out = dict(self.bad)
-        if self.bad_file is not None and self.bad_file.is_file():
-            out.update(l.split("\t", 1) for l in self.bad_file.read_text().splitlines() if "\t" in l)
-        return out
+        """{path: reason} of the clips found unusable so far, here or (via the file) in other processes."""
+        lines = self.bad_file.read_text().splitlines() if self.bad_file and self.bad_file.is_file() else []
+        return {**dict(l.split("\t", 1) for l in lines if "\t" in l), **self.bad}
 
     def _load(self, clip):
         if self.cache is None:
@@ -237,94 +206,70 @@ class VideoPairs(torch.utils.data.Dataset):
                 return read_video(clip.path, self.frames, self.fps, *self.size)
             except VideoError as e:
                 return self._mark_bad(clip, str(e).removeprefix(f"{clip.path}: "))
-        if not self.cache.has(clip):
-            return self._mark_bad(clip, self.cache.why_missing(clip))
-        mean, logvar = self.cache.latents(clip)
-        return {"mean": mean, "logvar": logvar}
+        why = self.cache.why_missing(clip)
+        return self._mark_bad(clip, why) if why else self.cache.load(clip)
 
     def __getitem__(self, i):
-        j = pair(self.clips, i, self.seed, self.epoch, self.groups)
-        clip = self.clips[i]
-        video = self._load(clip)
-        ref = self._load(self.clips[j]) if video is not None else None
-        if video is None or ref is None:
+        clip, j = self.clips[i], pair(self.clips, i, self.seed, self.epoch, self.groups)
+        if (video := self._load(clip)) is None or (ref := self._load(self.clips[j])) is None:
             return None
         out = {"video": video, "ref": ref, "caption": clip.caption, "index": i, "ref_index": j}
         if self.cache is not None:
             if not self.cache.has_text(clip.caption):
-                return self._mark_bad(clip, f"caption not in cache: {clip.caption[:60]!r}")
-            out["text"] = self.cache.text(clip.caption)
+                return self._mark_bad(clip, f"caption not in the cache: {clip.caption[:60]!r}")
+            out.update(text=self.cache.text(clip.caption), first=_to_float(video.pop("first")))
+            del ref["first"]
         return out
 
 
 def collate(items):
-    """Drop None items (bad clips) and stack the rest; None if nothing is left."""
+    """Drop None items (bad clips) and stack the rest (dicts of tensors stay dicts); None if none is left."""
     items = [x for x in items if x is not None]
-    if not items:
-        return None
-    stack = lambda v: ({k: torch.stack([x[k] for x in v]) for k in v[0]} if isinstance(v[0], dict) else torch.stack(v))
-    out = {k: stack([x[k] for x in items]) for k in ("video", "ref", "text") if k in items[0]}
-    out["caption"] = [x["caption"] for x in items]
-    out["index"] = torch.tensor([x["index"] for x in items])
-    out["ref_index"] = torch.tensor([x["ref_index"] for x in items])
-    return out
+    return torch.utils.data.default_collate(items) if items else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Cache: one small safetensors file per clip (VAE mean/logvar) and per caption (T5), each carrying
-# its own metadata, so an interrupted run resumes by looking at what is on disk; index.json is
-# rebuilt from those files by rank 0 at the end.
-# ---------------------------------------------------------------------------------------------
+# ---- cache: one safetensors file per clip and per caption, each with its own metadata, so an interrupted
+# run resumes from what is on disk; index.json is rebuilt from those files by rank 0 at the end ----
 def _key(s):
     return hashlib.sha1(s.encode()).hexdigest()[:24]
 
 
 def _stamp(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    st = os.stat(path) if os.path.exists(path) else None
+    return st and {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _save(path, tensors, meta):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def _meta(path):
+def _meta(path):  # a missing, foreign or damaged file counts as absent (and is rewritten)
     try:
         with safe_open(str(path), "pt") as fh:
             return {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-    except Exception:  # a foreign or damaged file counts as absent and is rewritten
-        return None
+    except Exception:
+        return {}
 
 
 class Cache:
-    """Read side of a cache folder built by `python data.py cache`."""
+    """Read side of a folder built by `python data.py cache`."""
 
     def __init__(self, root):
         self.root = Path(root)
         if not (self.root / "index.json").is_file():
             raise FileNotFoundError(f"cache {root}: no index.json (build it with `python data.py cache`)")
-        d = json.loads((self.root / "index.json").read_text())
-        self.settings, self.clips, self.texts = d["settings"], d["clips"], d["texts"]
+        vars(self).update(json.loads((self.root / "index.json").read_text()))  # settings, clips, texts
+
+    def why_missing(self, clip):  # -> None when cached and usable (a deleted source is fine, a changed one stale)
+        e = self.clips.get(_key(clip.path))
+        return ("not in the cache" if e is None else e.get("bad") or (None if _stamp(clip.path) in (e["stamp"], None)
+                else "changed since it was cached (re-run data.py cache)"))
 
     def has(self, clip):
-        e = self.clips.get(_key(clip.path))
-        s = _stamp(clip.path)  # a deleted source is fine (train from the cache alone); a changed one is not
-        return e is not None and "bad" not in e and (s is None or s == e["stamp"])
+        return self.why_missing(clip) is None
 
-    def why_missing(self, clip):
-        e = self.clips.get(_key(clip.path))
-        return ("not in cache" if e is None else e["bad"] if "bad" in e
-                else "changed since it was cached (re-run data.py cache)")
+    def load(self, clip):
+        """-> {"mean", "logvar"} bf16 [C,F',h,w] and "first": frame 0 as uint8 [3,H,W]."""
+        return load_file(str(self.root / "clips" / f"{_key(clip.path)}.safetensors"))
 
     def latents(self, clip):
-        t = load_file(str(self.root / "clips" / f"{_key(clip.path)}.safetensors"))
-        return t["mean"], t["logvar"]
+        return self.load(clip)["mean"], self.load(clip)["logvar"]
 
     def has_text(self, caption):
         return _key(caption) in self.texts
@@ -333,87 +278,73 @@ class Cache:
         return load_file(str(self.root / "texts" / f"{_key(caption)}.safetensors"))["text"]
 
 
-def _decode(clips, **kw):
-    """Runs in DataLoader workers (as collate_fn): [(clip, stamp, video or error string)]."""
+def _decode(clips, **kw):  # the DataLoader's collate_fn, so decoding runs in its workers
     out = []
     for c in clips:
-        stamp = _stamp(c.path)  # taken before reading so a change during the read is caught next time
+        stamp = _stamp(c.path)  # before reading, so a change during the read is caught next time
         try:
             out.append((c, stamp, read_video(c.path, **kw)))
         except VideoError as e:
-            out.append((c, stamp, str(e)))
+            out.append((c, stamp, str(e).removeprefix(f"{c.path}: ")))
     return out
 
 
-def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, batch=1, workers=2,
-                tile=False, limit=None):
-    import model as M  # the frozen encoders are needed only to build a cache
+@torch.no_grad()
+def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, batch=1, workers=2, tile=False, limit=None):
+    import model as M  # the frozen encoders are needed only here
     import vae as V
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # only used for one barrier
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # for the barriers only
     dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    out, model_dir = Path(out), Path(model_dir)
-    for sub in ("clips", "texts"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out, model_dir, clips = Path(out), Path(model_dir), scan(data)
     settings = dict(frames=frames, fps=fps, height=height, width=width, model=str(model_dir.resolve()))
-    clips = scan(data)
+    file = lambda kind, s: out / kind / f"{_key(s)}.safetensors"
 
-    def done(c):  # encoded from this very file with these settings (or found bad with them)
-        m = _meta(out / "clips" / f"{_key(c.path)}.safetensors")
-        return m is not None and m["settings"] == settings and (m["stamp"] == _stamp(c.path) or _stamp(c.path) is None)
+    def save(f, tensors, **meta):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, f"{f}.tmp{os.getpid()}", {k: json.dumps(v) for k, v in meta.items()})
+        os.replace(f"{f}.tmp{os.getpid()}", f)
 
-    todo = [c for i, c in enumerate(clips) if i % world == rank and not done(c)][:limit]
-    if todo:
-        vae = V.load_vae(model_dir / "vae", dtype, dev)
-        loader = torch.utils.data.DataLoader(todo, batch_size=batch, num_workers=workers, collate_fn=partial(
-            _decode, frames=frames, fps=fps, height=height, width=width))
-        bar = tqdm(total=len(todo), desc=f"cache clips (rank {rank})", unit="clip")
-        for items in loader:
-            good = [(c, s, v) for c, s, v in items if torch.is_tensor(v)]
+    def done(c):  # encoded (or found bad) from this very file with these settings
+        m = _meta(file("clips", c.path))
+        return m.get("settings") == settings and _stamp(c.path) in (m["stamp"], None)
+
+    if todo := [c for i, c in enumerate(clips) if i % world == rank and not done(c)][:limit]:
+        vae, bar = V.load_vae(model_dir / "vae", dtype, dev), tqdm(total=len(todo), desc=f"cache clips (rank {rank})")
+        for items in torch.utils.data.DataLoader(todo, batch_size=batch, num_workers=workers, collate_fn=partial(
+                _decode, frames=frames, fps=fps, height=height, width=width)):
             for c, s, v in items:
-                if not torch.is_tensor(v):
-                    log.warning(f"warning: skipping {v}")
-                    _save(out / "clips" / f"{_key(c.path)}.safetensors", {}, dict(
-                        path=c.path, stamp=s, settings=settings, bad=v.removeprefix(f"{c.path}: ")))
-            if good:
-                x = torch.stack([v for _, _, v in good]).transpose(1, 2).to(dev, dtype)  # [B,F,3,H,W] -> VAE [B,3,F,H,W]
-                with torch.no_grad():
-                    mean, logvar = vae.encode(x, tile=tile)
-                for (c, s, _), m, lv in zip(good, mean, logvar):
-                    _save(out / "clips" / f"{_key(c.path)}.safetensors", {"mean": m, "logvar": lv},
-                          dict(path=c.path, stamp=s, settings=settings))
+                if isinstance(v, str):
+                    log.warning(f"warning: skipping {c.path}: {v}")
+                    save(file("clips", c.path), {}, path=c.path, stamp=s, settings=settings, bad=v)
+            if good := [(c, s, v) for c, s, v in items if torch.is_tensor(v)]:
+                x = torch.stack([v for _, _, v in good]).transpose(1, 2)  # [B,F,3,H,W] -> VAE [B,3,F,H,W]
+                mean, logvar = vae.encode(x.to(dev, dtype), tile=tile)
+                for (c, s, v), m, lv in zip(good, mean, logvar):  # frame 0 back to the uint8 it was made from
+                    first = ((v[0] + 1) * 127.5).round().to(torch.uint8)
+                    save(file("clips", c.path), dict(mean=m.bfloat16().cpu(), logvar=lv.bfloat16().cpu(), first=first),
+                         path=c.path, stamp=s, settings=settings)
             bar.update(len(items))
-        bar.close()
         del vae
     captions = sorted({c.caption for c in clips})
-    todo = [t for j, t in enumerate(captions) if j % world == rank
-            and (_meta(out / "texts" / f"{_key(t)}.safetensors") or {}).get("model") != settings["model"]]
-    if todo:
+    if todo := [t for j, t in enumerate(captions) if j % world == rank and _meta(file("texts", t)).get("model") != settings["model"]]:
         tok, t5 = M.Tokenizer(model_dir / "tokenizer"), M.load_t5(model_dir / "text_encoder", dtype, dev)
-        for k in tqdm(range(0, len(todo), max(batch, 8)), desc=f"cache captions (rank {rank})"):
-            chunk = todo[k:k + max(batch, 8)]
-            with torch.no_grad():
-                emb = t5(tok(chunk).to(dev))
-            for t, e in zip(chunk, emb):
-                _save(out / "texts" / f"{_key(t)}.safetensors", {"text": e}, dict(caption=t, model=settings["model"]))
+        for k in tqdm(range(0, len(todo), 8), desc=f"cache captions (rank {rank})"):
+            for t, e in zip(todo[k:k + 8], t5(tok(todo[k:k + 8]).to(dev))):
+                save(file("texts", t), {"text": e.bfloat16().cpu()}, caption=t, model=settings["model"])
         del t5
     if world > 1:
         dist.barrier()
-    if rank == 0:  # the index lists what is on disk now, so it is right whichever rank did the work
-        index = {"settings": settings, "clips": {}, "texts": {}}
-        for f in sorted((out / "clips").glob("*.safetensors")):
-            m = _meta(f)
-            if m is not None and m["settings"] == settings:
-                index["clips"][f.stem] = {k: m[k] for k in ("path", "stamp", "bad") if k in m}
-        for f in sorted((out / "texts").glob("*.safetensors")):
-            m = _meta(f)
-            if m is not None and m.get("model") == settings["model"]:
-                index["texts"][f.stem] = {"caption": m["caption"]}
-        tmp = out / f"index.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, out / "index.json")
+    if rank == 0:  # index what is on disk now, whichever rank (or earlier run) wrote it
+        metas = {f.parent.name + "/" + f.stem: _meta(f) for f in sorted(out.glob("*/*.safetensors"))}
+        index = dict(settings=settings, clips={k[6:]: {n: m[n] for n in ("path", "stamp", "bad") if n in m}
+                                               for k, m in metas.items() if m.get("settings") == settings},
+                     texts={k[6:]: {"caption": m["caption"]} for k, m in metas.items() if m.get("model") == settings["model"]
+                            and "caption" in m})
+        (out / "index.json.tmp").write_text(json.dumps(index, indent=1))
+        os.replace(out / "index.json.tmp", out / "index.json")
         bad = sum("bad" in e for e in index["clips"].values())
         print(f"cache {out}: {len(index['clips']) - bad} clips, {bad} bad, {len(index['texts'])} captions")
     if world > 1:
@@ -422,19 +353,15 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="video2lora data tools")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("cache", help="encode every clip (VAE) and caption (T5) once")
-    c.add_argument("--model", required=True, help="CogVideoX I2V folder (vae/ text_encoder/ tokenizer/)")
-    c.add_argument("--data", required=True, help="folder root/<category>/<clip> or .csv/.jsonl manifest")
-    c.add_argument("--out", required=True)
-    c.add_argument("--frames", type=int, default=49)
-    c.add_argument("--fps", type=float, default=8)
-    c.add_argument("--height", type=int, default=480)
-    c.add_argument("--width", type=int, default=720)
-    c.add_argument("--batch", type=int, default=1)
-    c.add_argument("--workers", type=int, default=2, help="decoding processes per rank")
-    c.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
+    p = argparse.ArgumentParser(description="python data.py cache ...: encode every clip (VAE) and caption (T5) once")
+    p.add_argument("cmd", choices=["cache"])
+    p.add_argument("--model", required=True, help="CogVideoX I2V folder (vae/ text_encoder/ tokenizer/)")
+    p.add_argument("--data", required=True, help="folder root/<category>/<clip> or a .csv/.jsonl manifest")
+    p.add_argument("--out", required=True)
+    for name, typ, default in [("frames", int, 49), ("fps", float, 8), ("height", int, 480), ("width", int, 720),
+                               ("batch", int, 1), ("workers", int, 2)]:  # workers: decoding processes per rank
+        p.add_argument(f"--{name}", type=typ, default=default)
+    p.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
     a = p.parse_args()
     logging.basicConfig(format="%(message)s")
     build_cache(a.model, a.data, a.out, a.frames, a.fps, a.height, a.width, a.batch, a.workers, a.tile)

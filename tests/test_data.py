@@ -129,7 +129,7 @@ def test_pairing(clips_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="data"):
         ds = data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, seed=3)
     assert [r.message for r in caplog.records] == [
-        "warning: 1 categories have a single clip, which is its own reference: melt"]
+        "warning: 1 categories have one clip, its own reference: melt"]
     refs = {e: [data.pair(clips, i, 3, e, ds.groups) for i in range(len(clips))] for e in range(4)}
     assert refs[0] == [data.pair(clips, i, 3, 0, ds.groups) for i in range(len(clips))]  # reproducible
     assert len({tuple(r) for r in refs.values()}) > 1  # changes with the epoch
@@ -198,6 +198,8 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     assert b["text"].shape == (len(b["caption"]), 226, 32) and b["text"].dtype == torch.bfloat16
     served = [(i, j) for b in batches for i, j in zip(b["index"].tolist(), b["ref_index"].tolist())]
     assert served and all(cache.has(clips[i]) and cache.has(clips[j]) for i, j in served)
+    i = b["index"][0].item()  # the cached first frame (image condition) is bit-equal to read_video's
+    assert torch.equal(b["first"][0], data.read_video(clips[i].path, 9, 8, H, W)[0])
     assert sorted(os.path.basename(p) for p in ds.bad_clips()) == ["corrupt.mp4", "short.mp4"]
     # a rewritten clip is stale until re-encoded, and only it is re-encoded
     old = cache.latents(good[0])[0]

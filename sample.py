@@ -80,8 +80,7 @@ def dpm_step(A, v, x, t, t_prev, t_back, old_x0, generator):
     h = lam(ap) - lam(at)
     m1, m2 = ((1 - ap) / (1 - at)) ** 0.5 * (-h).exp(), (-2 * h).expm1() * ap ** 0.5
     mn = (1 - ap) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
-    noise = lambda: torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                device=generator.device if generator is not None else x.device).to(x.device)
+    noise = lambda: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
     x_prev = m1 * x - m2 * x0 + mn * noise()
     if old_x0 is None or t_prev < 0:
         return x_prev, x0
@@ -258,55 +257,46 @@ def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=Fals
 def _ref_arg(s):
     """"clip.mp4" or "clip.mp4:0.5" (a weight for blending several references)."""
     path, _, w = s.rpartition(":")
-    if path and not Path(s).exists():
-        try:
-            return path, float(w)
-        except ValueError:
-            pass
-    return s, 1.0
+    try:
+        return (path, float(w)) if path and not Path(s).exists() else (s, 1.0)
+    except ValueError:
+        return s, 1.0
 
 
 def run(args):
     t0 = time.perf_counter()
-    if len(args.paths) != (1 if args.no_ref else 2) and not (args.no_ref and len(args.paths) == 2):
+    if len(args.paths) != 2 and not (args.no_ref and len(args.paths) == 1):
         raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
-    img = args.paths[-1]
     refs = [] if args.no_ref else [_ref_arg(s) for s in [args.paths[0]] + args.ref]
-    for path in [img] + [p for p, _ in refs]:
+    mdir, img = Path(args.model), args.paths[-1]
+    ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
+    # check everything cheap before loading the model, so a typo costs no time and writes nothing
+    for path in [img] + [p for p, _ in refs] + ([ckpt] if refs and ckpt else []):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    if any(w <= 0 for _, w in refs):
-        raise ValueError("reference weights must be > 0")
-    mdir = Path(args.model)
     if not mdir.is_dir():
         raise FileNotFoundError(f"no model at {mdir}/: pass --model DIR")
-    ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
     if refs and ckpt is None:
         raise FileNotFoundError(f"no hypernetwork checkpoint ({mdir}/hypernet.safetensors): pass --ckpt FILE or --no-ref")
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+    if any(w <= 0 for _, w in refs) or ((args.save_lora or args.export_lora) and not refs):
+        raise ValueError("reference weights must be > 0, and --save-lora/--export-lora need a reference")
     for out in (args.out, args.save_lora, args.export_lora):
         if out and not Path(out).resolve().parent.is_dir():
             raise FileNotFoundError(f"{out}: its folder does not exist")
-    if (args.save_lora or args.export_lora) and not refs:
-        raise ValueError("--save-lora/--export-lora need a reference")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    dtype = torch.float32 if (args.dtype or ("bf16" if device.startswith("cuda") else "fp32")) == "fp32" else torch.bfloat16
 
     pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
     frames, height, width = pipe.sizes(args.frames, args.height, args.width)
-    image = (data.read_image(img, height, width) + 1) / 2
-    videos = []
+    image, videos = (data.read_image(img, height, width) + 1) / 2, []
     for path, w in refs:
         v, n = data.read_video(path, frames, fps=8, height=height, width=width, allow_short=True)
-        if n < frames:  # trim to the longest 8k+1 prefix rather than feed a frozen tail to the hypernetwork
-            keep = (n - 1) // 8 * 8 + 1
-            if keep < 9:
-                raise ValueError(f"{path}: too short: {n} frames at 8 fps, a reference needs at least 9")
+        keep = frames if n >= frames else (n - 1) // 8 * 8 + 1  # a short one: its longest 8k+1 prefix, not
+        if keep < 9:                                              # a frozen tail fed to the hypernetwork
+            raise ValueError(f"{path}: too short: {n} frames at 8 fps, a reference needs at least 9")
+        if keep < frames:
             print(f"note: {path} gives only {n} frames at 8 fps (< {frames}): using its first {keep}", file=sys.stderr)
-            v = v[:keep]
-        videos.append(((v + 1) / 2, w))
+        videos.append(((v[:keep] + 1) / 2, w))
     times = {"load": time.perf_counter() - t0}
 
     lora = pipe.reference_lora(videos, args.lora_scale) if videos else None
@@ -316,7 +306,7 @@ def run(args):
                           seed=args.seed, lora=lora, progress=True)
     times.update(pipe.times)
     t1 = time.perf_counter()
-    data.write_video(args.out, video, fps=8)
+    data.write_video(args.out, video, fps=8)  # atomic, like the two LoRA writers
     if args.save_lora:
         lightlora.save_native(args.save_lora, lora)
     if args.export_lora:
@@ -348,7 +338,7 @@ def main(argv=None):
     p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
     p.add_argument("--tile-vae", action="store_true", help="VAE in tiles (less memory, slightly different)")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     try:
         run(args)

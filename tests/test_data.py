@@ -35,7 +35,7 @@ def clips_dir(tmp_path_factory):
         for k, n in enumerate(names):
             data.write_video(root / cat / f"{n}.mp4", ramp(20, offset=10 + 7 * k), fps=8)
             (root / cat / f"{n}.txt").write_text(f"a {cat} video {n}\n")
-    data.write_video(root / "pan" / "short.mp4", ramp(5), fps=8)
+    data.write_video(root / "pan" / "short.mp4", ramp(3), fps=8)
     (root / "zoom" / "corrupt.mp4").write_bytes(os.urandom(4000))
     return root
 
@@ -93,10 +93,10 @@ def test_resize_cover_crop(tmp_path):
 
 
 def test_bad_videos(clips_dir, tmp_path):
-    with pytest.raises(data.VideoError, match=r"short\.mp4: too short: .* 5 frames at 8 fps, needs 9"):
+    with pytest.raises(data.VideoError, match=r"short\.mp4: too short: .* 3 frames at 8 fps, needs 9"):
         data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W)
     v, n = data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W, allow_short=True)
-    assert v.shape[0] == 9 and n == 5 and torch.equal(v[4], v[8])
+    assert v.shape[0] == 9 and n == 3 and torch.equal(v[2], v[8])
     with pytest.raises(data.VideoError, match=r"corrupt\.mp4: cannot open"):
         data.read_video(clips_dir / "zoom" / "corrupt.mp4")
     with pytest.raises(data.VideoError, match=r"nope\.mp4: no such file"):
@@ -166,7 +166,7 @@ def _mtimes(folder):
 def test_cache(clips_dir, tiny_model_dir, tmp_path):
     import model
     import vae as vae_mod
-    clips, out, kw = data.scan(clips_dir), tmp_path / "cache", dict(frames=9, fps=8, height=H, width=W, workers=0)
+    clips, out, kw = data.scan(clips_dir), tmp_path / "cache", dict(frames=5, fps=8, height=H, width=W, workers=0)
     data.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # an interrupted run: 3 clips done
     first = _mtimes(out / "clips")
     assert len(first) == 3
@@ -179,11 +179,11 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     assert "too short" in cache.why_missing(next(c for c in clips if c.path.endswith("short.mp4")))
     # cached posteriors = VAE.encode(read_video), within bf16 rounding
     vae = vae_mod.load_vae(tiny_model_dir / "vae")
-    x = torch.stack([data.read_video(c.path, 9, 8, H, W) for c in good[:2]]).transpose(1, 2)
+    x = torch.stack([data.read_video(c.path, 5, 8, H, W) for c in good[:2]]).transpose(1, 2)
     mean, logvar = vae.encode(x)
     for c, m, lv in zip(good, mean, logvar):
         cm, clv = cache.latents(c)
-        assert cm.dtype == torch.bfloat16 and cm.shape == m.shape == (4, 3, H // 8, W // 8)
+        assert cm.dtype == torch.bfloat16 and cm.shape == m.shape == (4, 2, H // 8, W // 8)
         assert (cm.float() - m).abs().max() <= 1e-2 * m.abs().max() and (clv.float() - lv).abs().max() <= 1e-2 * lv.abs().max()
     tok, t5 = model.Tokenizer(tiny_model_dir / "tokenizer"), model.load_t5(tiny_model_dir / "text_encoder")
     ref = t5(tok([good[0].caption]))[0]
@@ -191,15 +191,15 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     assert (cache.text(good[0].caption).float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert sorted(v["caption"] for v in cache.texts.values()) == sorted({c.caption for c in clips})
     # the dataset serves cached posteriors and text, and skips clips that are bad in the cache
-    ds = data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, cache=cache, run_dir=tmp_path)
+    ds = data.VideoPairs(clips, frames=5, fps=8, height=H, width=W, cache=cache, run_dir=tmp_path)
     batches = [b for b in torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate) if b is not None]
     b = batches[0]
-    assert b["video"]["mean"].shape[1:] == (4, 3, H // 8, W // 8) and b["ref"]["logvar"].shape == b["video"]["mean"].shape
+    assert b["video"]["mean"].shape[1:] == (4, 2, H // 8, W // 8) and b["ref"]["logvar"].shape == b["video"]["mean"].shape
     assert b["text"].shape == (len(b["caption"]), 226, 32) and b["text"].dtype == torch.bfloat16
     served = [(i, j) for b in batches for i, j in zip(b["index"].tolist(), b["ref_index"].tolist())]
     assert served and all(cache.has(clips[i]) and cache.has(clips[j]) for i, j in served)
     i = b["index"][0].item()  # the cached first frame (image condition) is bit-equal to read_video's
-    assert torch.equal(b["first"][0], data.read_video(clips[i].path, 9, 8, H, W)[0])
+    assert torch.equal(b["first"][0], data.read_video(clips[i].path, 5, 8, H, W)[0])
     assert sorted(os.path.basename(p) for p in ds.bad_clips()) == ["corrupt.mp4", "short.mp4"]
     # a rewritten clip is stale until re-encoded, and only it is re-encoded
     old = cache.latents(good[0])[0]

@@ -50,23 +50,18 @@ def _to_float(x):  # in place after one allocation: fresh large allocations domi
     return x.float().div_(127.5).sub_(1)
 
 
-def _open(path):
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such file")
-    try:
-        c = av.open(str(path))
-        c.streams.video[0]
-        return c
-    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
-        raise VideoError(f"{path}: cannot open as a video ({e or 'no video stream'})") from None
-
-
 def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False):
     """-> [frames,3,height,width] in [-1,1]. Frame i is the source frame on screen at time
     start + i/fps (the latest with pts <= it), so any source frame rate gives the same motion speed.
     allow_short=True pads a short video by repeating its last frame and returns (video, n_real)."""
-    with _open(path) as c:
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such file")
+    try:
+        c = av.open(str(path))
         stream = c.streams.video[0]
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+        raise VideoError(f"{path}: cannot open as a video ({e or 'no video stream'})") from None
+    with c:
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or fps)
         targets, picked, prev, t = None, [], None, 0.0
@@ -98,12 +93,8 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
 
 
 def read_image(path, height, width):
-    """png/jpg/... (anything FFmpeg decodes as one frame) -> [3,height,width] in [-1,1]."""
-    with _open(path) as c:
-        try:
-            return _to_float(_rgb(next(c.decode(video=0)), height, width))
-        except (av.FFmpegError, StopIteration) as e:
-            raise VideoError(f"{path}: cannot decode image ({e or 'no frames'})") from None
+    """png/jpg/... (anything FFmpeg decodes; a video gives its first frame) -> [3,height,width] in [-1,1]."""
+    return read_video(path, 1, 1, height, width)[0]
 
 
 def write_video(path, video, fps=8, crf=18):
@@ -338,11 +329,11 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
     if world > 1:
         dist.barrier()
     if rank == 0:  # index what is on disk now, whichever rank (or earlier run) wrote it
-        metas = {f.parent.name + "/" + f.stem: _meta(f) for f in sorted(out.glob("*/*.safetensors"))}
-        index = dict(settings=settings, clips={k[6:]: {n: m[n] for n in ("path", "stamp", "bad") if n in m}
-                                               for k, m in metas.items() if m.get("settings") == settings},
-                     texts={k[6:]: {"caption": m["caption"]} for k, m in metas.items() if m.get("model") == settings["model"]
-                            and "caption" in m})
+        meta = lambda kind: {f.stem: _meta(f) for f in sorted((out / kind).glob("*.safetensors"))}
+        index = dict(settings=settings, texts={k: {"caption": m["caption"]} for k, m in meta("texts").items()
+                                               if m.get("model") == settings["model"]},
+                     clips={k: {n: m[n] for n in ("path", "stamp", "bad") if n in m} for k, m in meta("clips").items()
+                            if m.get("settings") == settings})
         (out / "index.json.tmp").write_text(json.dumps(index, indent=1))
         os.replace(out / "index.json.tmp", out / "index.json")
         bad = sum("bad" in e for e in index["clips"].values())
@@ -355,9 +346,8 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="python data.py cache ...: encode every clip (VAE) and caption (T5) once")
     p.add_argument("cmd", choices=["cache"])
-    p.add_argument("--model", required=True, help="CogVideoX I2V folder (vae/ text_encoder/ tokenizer/)")
-    p.add_argument("--data", required=True, help="folder root/<category>/<clip> or a .csv/.jsonl manifest")
-    p.add_argument("--out", required=True)
+    for name in ("model", "data", "out"):  # an I2V model folder; a clip folder or manifest; the cache folder
+        p.add_argument(f"--{name}", required=True)
     for name, typ, default in [("frames", int, 49), ("fps", float, 8), ("height", int, 480), ("width", int, 720),
                                ("batch", int, 1), ("workers", int, 2)]:  # workers: decoding processes per rank
         p.add_argument(f"--{name}", type=typ, default=default)

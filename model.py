@@ -261,9 +261,10 @@ def rope_3d(cfg, f, h, w, device=None):
 def apply_rope(x, cos, sin):
     """x [B, N, heads, hd]; cos/sin [N, 1, hd] fp32. Pairs (2j, 2j+1) rotate; done in fp32 and cast
     back like diffusers (spec §9)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    xf = x.float()
+    x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
     rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+    return (xf * cos + rot * sin).to(x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -554,8 +555,12 @@ class T5Block(nn.Module):
         x = _fp16_guard(x + a.o(o.transpose(1, 2).reshape(B, L, -1)))
         ff = self.layer[1].DenseReluDense
         h = self.layer[1].layer_norm(x)
-        g = F.gelu(ff.wi_0(h), approximate="tanh") * ff.wi_1(h)
+        g = gelu_new(ff.wi_0(h)) * ff.wi_1(h)
         return _fp16_guard(x + ff.wo(g.to(ff.wo.weight.dtype)))  # wo may be kept in fp32 (fp16 loads)
+
+
+def gelu_new(u):  # written out like transformers: F.gelu(approximate="tanh") rounds differently in bf16
+    return 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * torch.pow(u, 3.0))))
 
 
 def _fp16_guard(x):  # transformers clamps fp16 activations that overflowed

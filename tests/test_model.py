@@ -89,6 +89,17 @@ def test_dit_matches_diffusers(dit_pair):
         err = rel_err(got, want)
         print(f"DiT {name} F,H,W={size}: rel err {err:.2e}")
         assert got.shape == want.shape and err <= TOL
+    # bf16 as the pipelines run it: same kernels and op order as diffusers, so (near) bit-equal
+    from diffusers import CogVideoXTransformer3DModel
+    ref16 = CogVideoXTransformer3DModel.from_pretrained(str(out), torch_dtype=torch.bfloat16).eval()
+    x, text, t = inputs(cfg, *sizes[0])
+    x, text = x.bfloat16(), text.bfloat16()
+    want = ref_forward(ref16, x, text, t, ofs=torch.full((1,), 2.0) if cfg.get("ofs_embed_dim") else None)
+    with torch.no_grad():
+        got = model.load_dit(out, torch.bfloat16)(x, text, t)
+    err = rel_err(got.float(), want.float())
+    print(f"DiT {name} bf16: rel err {err:.2e}{' (bit-equal)' if torch.equal(got, want) else ''}")
+    assert got.dtype == torch.bfloat16 and err <= 1e-3
 
 
 def test_dit_size_errors(dit_pair):
@@ -183,6 +194,14 @@ def test_t5_matches_transformers(t5_pair):
     err = rel_err(got, want)
     print(f"T5 (226 tokens): rel err {err:.2e}")
     assert err <= TOL
+    from transformers import T5EncoderModel
+    for dt in (torch.float16, torch.bfloat16):  # fp16 keeps wo in fp32 on both sides
+        ref16 = T5EncoderModel.from_pretrained(str(out), dtype=dt).eval()
+        with torch.no_grad():
+            want, got = ref16(input_ids=ids).last_hidden_state, model.load_t5(out, dt)(ids)
+        err = rel_err(got.float(), want.float())
+        print(f"T5 {dt}: rel err {err:.2e}{' (bit-equal)' if torch.equal(got, want) else ''}")
+        assert got.dtype == dt and err <= 1e-3
 
 
 def test_t5_buckets_match_transformers():

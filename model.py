@@ -37,12 +37,17 @@ def read_config(folder):
     return json.loads(path.read_text())
 
 
-def read_state_dict(folder, device="cpu"):
-    """All tensors of a folder: one `*.safetensors` file, or the shards an `*.safetensors.index.json` names."""
+def read_state_dict(folder, dtype=None, device="cpu"):
+    """All tensors of a folder: one `*.safetensors` file, or the shards an `*.safetensors.index.json`
+    names. Floating tensors are cast to `dtype` shard by shard, so at most one shard exists twice."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
-    device = str(device)
+
+    def load(file):
+        sd = load_file(file, device=str(device))
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
+
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ValueError(f"{folder} holds several index files ({_few(p.name for p in indexes)}); keep one")
@@ -52,14 +57,14 @@ def read_state_dict(folder, device="cpu"):
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
                 raise FileNotFoundError(f"{indexes[0]} names the shard {shard}, which is missing in {folder}")
-            sd.update(load_file(folder / shard, device=device))
+            sd.update(load(folder / shard))
         absent = set(weight_map) - set(sd)
         if absent:
             raise ValueError(f"{indexes[0]} lists {len(absent)} keys absent from its shards: {_few(absent)}")
         return sd
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
-        return load_file(files[0], device=device)
+        return load(files[0])
     if len(files) > 1:
         raise ValueError(f"{folder} holds several .safetensors files ({_few(p.name for p in files)}) "
                          "and no *.safetensors.index.json saying how they fit together")
@@ -274,6 +279,13 @@ def modulate(x, shift, scale):
 # ----------------------------------------------------------------------------------------------------
 # DiT modules (attribute names = checkpoint keys)
 
+def _holder(**children):  # a plain container, only there to give children their checkpoint names
+    m = nn.Module()
+    for k, v in children.items():
+        setattr(m, k, v)
+    return m
+
+
 class TimestepMLP(nn.Module):
     def __init__(self, d_in, d_out):
         super().__init__()
@@ -322,24 +334,15 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(D, D)])
 
 
-class GELUProj(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-
-
-class FeedForward(nn.Module):  # ff.net.0.proj -> GELU(tanh) -> ff.net.2 (net.1 is a dropout in diffusers)
-    def __init__(self, D):
-        super().__init__()
-        self.net = nn.ModuleList([GELUProj(D, 4 * D), nn.Identity(), nn.Linear(4 * D, D)])
-
-
 class Block(nn.Module):
     def __init__(self, cfg, prefix):
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.norm1, self.attn1 = AdaNorm(cfg, 6), Attention(cfg)
-        self.norm2, self.ff = AdaNorm(cfg, 6), FeedForward(cfg.inner_dim)
+        # ff.net.0.proj -> GELU(tanh) -> ff.net.2 (net.1 is a dropout in diffusers)
+        D = cfg.inner_dim
+        self.norm2 = AdaNorm(cfg, 6)
+        self.ff = _holder(net=nn.ModuleList([_holder(proj=nn.Linear(D, 4 * D)), nn.Identity(), nn.Linear(4 * D, D)]))
         # full Linear names, the keys of the lora dict
         self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
                                               "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
@@ -460,7 +463,7 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     cfg = DiTConfig.from_dict(read_config(path))
     with torch.device("meta"):
         dit = DiT(cfg)
-    return check_and_load(dit, read_state_dict(path), dtype, device).eval().requires_grad_(False)
+    return check_and_load(dit, read_state_dict(path, dtype, device), dtype, device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,29 +525,14 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
 
-class T5SelfAttnLayer(nn.Module):
-    def __init__(self, cfg, has_bias):
-        super().__init__()
-        self.SelfAttention, self.layer_norm = T5Attention(cfg, has_bias), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
-class T5FF(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.wi_0, self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False), nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-
-
-class T5FFLayer(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.DenseReluDense, self.layer_norm = T5FF(cfg), RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
 class T5Block(nn.Module):
     def __init__(self, cfg, has_bias):
         super().__init__()
-        self.layer = nn.ModuleList([T5SelfAttnLayer(cfg, has_bias), T5FFLayer(cfg)])
+        lin = lambda a, b: nn.Linear(a, b, bias=False)
+        ffn = _holder(wi_0=lin(cfg.d_model, cfg.d_ff), wi_1=lin(cfg.d_model, cfg.d_ff), wo=lin(cfg.d_ff, cfg.d_model))
+        self.layer = nn.ModuleList([
+            _holder(SelfAttention=T5Attention(cfg, has_bias), layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)),
+            _holder(DenseReluDense=ffn, layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon))])
 
     def forward(self, x, bias, heads):
         B, L, _ = x.shape
@@ -570,13 +558,6 @@ def _fp16_guard(x):  # transformers clamps fp16 activations that overflowed
     return x.clamp(-big + 1000, big - 1000) if torch.isinf(x).any() else x
 
 
-class T5Stack(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.block = nn.ModuleList(T5Block(cfg, i == 0) for i in range(cfg.num_layers))
-        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
 class T5Encoder(nn.Module):
     """T5EncoderModel: ids [B, L] -> last_hidden_state [B, L, d_model]."""
 
@@ -584,7 +565,8 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder = T5Stack(cfg)
+        self.encoder = _holder(block=nn.ModuleList(T5Block(cfg, i == 0) for i in range(cfg.num_layers)),
+                               final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon))
 
     def forward(self, ids):
         cfg = self.config
@@ -602,7 +584,7 @@ def load_t5(path, dtype=torch.float32, device="cpu"):
     """T5Encoder from an official `text_encoder/` folder. In fp16 the FFN output projections (wo) stay
     fp32 like transformers' _keep_in_fp32_modules (the 2b pipeline runs T5 in fp16)."""
     cfg = T5Config.from_dict(read_config(path))
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, None if dtype == torch.float16 else dtype, device)
     tied = sd.pop("encoder.embed_tokens.weight", None)  # some exports carry this tied copy of shared.weight
     if "shared.weight" not in sd and tied is not None:
         sd["shared.weight"] = tied

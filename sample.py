@@ -25,9 +25,8 @@ import model
 import vae as vae_lib
 
 # ---------------------------------------------------------------------------------------------------------
-# Schedulers (diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler, which mirror SAT's samplers).
-# Scalars stay 0-dim float64 tensors indexed from the table, as in diffusers, so the latents keep their dtype
-# and the numbers are bit-identical.
+# Schedulers (diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler, which mirror SAT's samplers). Scalars
+# stay 0-dim float64 tensors indexed from the table as there, so latents keep their dtype and bits match.
 
 
 def alphas_cumprod(cfg):
@@ -100,11 +99,13 @@ def dynamic_guidance(g, t, steps):
 
 
 class Pipeline:
-    """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA."""
+    """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA (which stays
+    on the device: it is small). offload: the frozen models live on the CPU and each goes to the device only
+    while its stage runs (T5 -> VAE -> DiT -> VAE). tile_vae: the VAE works in diffusers' overlapping tiles."""
 
-    def __init__(self, dit, vae, t5, tokenizer, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16,
-                 offload=False, tile_vae=False):
-        self.dit, self.vae, self.t5, self.tok, self.sched_cfg, self.v2l = dit, vae, t5, tokenizer, sched_cfg, v2l
+    def __init__(self, dit, vae, t5, tok, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16, offload=False,
+                 tile_vae=False):
+        self.dit, self.vae, self.t5, self.tok, self.sched_cfg, self.v2l = dit, vae, t5, tok, sched_cfg, v2l
         self.device, self.dtype, self.offload, self.tile_vae = torch.device(device), dtype, offload, tile_vae
         self.times = {}  # seconds per stage of the last call
 
@@ -133,12 +134,12 @@ class Pipeline:
         native = (c.sample_frames, c.sample_height * 8, c.sample_width * 8)
         frames, height, width = frames or native[0], height or native[1], width or native[2]
         if frames < 1 or (frames - 1) % 8:
-            raise ValueError(f"frames must be 8k+1 (the VAE encodes 8-frame chunks after a 9-frame first one), got {frames}")
+            raise ValueError(f"frames must be 8k+1 (the VAE encodes a 9-frame chunk, then 8-frame ones), got {frames}")
         if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be positive multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}")
+            raise ValueError(f"height and width must be multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}")
         if c.use_learned_positional_embeddings and (frames, height, width) != native:
-            raise ValueError("this model's learned positional embedding only takes %dx%dx%d (frames x height x width)"
-                             ", got %dx%dx%d" % (native + (frames, height, width)))
+            raise ValueError("this model's learned positional embedding only takes %dx%dx%d (frames x height x "
+                             "width), got %dx%dx%d" % (native + (frames, height, width)))
         if c.patch_size_t and (height > c.sample_height * 8 or width > c.sample_width * 8):  # 1.5: RoPE table size
             raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position grid")
         return frames, height, width
@@ -153,8 +154,7 @@ class Pipeline:
         if self.v2l is None:
             raise ValueError("a reference needs a hypernetwork checkpoint (ckpt=...)")
         refs = [(refs, 1.0)] if torch.is_tensor(refs) else list(refs)
-        total = sum(w for _, w in refs)
-        loras = []
+        total, loras = sum(w for _, w in refs), []
         for video, w in refs:
             with self._stage("ref->lora", self.vae):
                 mean, _ = self._encode(video.permute(1, 0, 2, 3)[None])  # [F,3,H,W] -> [1,3,F,H,W]
@@ -231,21 +231,18 @@ class Pipeline:
 
 def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False):
     """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
-    d = Path(model_dir)
+    d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json"):
-        if not (d / sub).exists():
+        if not (d / sub).exists():  # fail before spending a minute on the 5B weights
             raise FileNotFoundError(f"{d}: not a CogVideoX I2V folder (no {sub})")
-    home = "cpu" if offload else device
     dit = model.load_dit(d / "transformer", dtype, home)
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
-    v2l = None
-    if ckpt is not None:
-        try:
-            v2l = hypernet.load(ckpt, dit, device)[0].eval()
-        except SafetensorError as e:
-            raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
-    return Pipeline(dit.eval(), vae_lib.load_vae(d / "vae", dtype, home).eval(), model.load_t5(d / "text_encoder", dtype, home).eval(),
+    try:
+        v2l = hypernet.load(ckpt, dit, device)[0].eval() if ckpt is not None else None
+    except SafetensorError as e:
+        raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
+    return Pipeline(dit, vae_lib.load_vae(d / "vae", dtype, home), model.load_t5(d / "text_encoder", dtype, home),
                     model.Tokenizer(d / "tokenizer"), json.loads((d / "scheduler/scheduler_config.json").read_text()),
                     v2l, device, dtype, offload, tile_vae)
 
@@ -277,14 +274,14 @@ def run(args):
     if not mdir.is_dir():
         raise FileNotFoundError(f"no model at {mdir}/: pass --model DIR")
     if refs and ckpt is None:
-        raise FileNotFoundError(f"no hypernetwork checkpoint ({mdir}/hypernet.safetensors): pass --ckpt FILE or --no-ref")
+        raise FileNotFoundError(f"no hypernetwork at {mdir}/hypernet.safetensors: pass --ckpt FILE or --no-ref")
     if any(w <= 0 for _, w in refs) or ((args.save_lora or args.export_lora) and not refs):
         raise ValueError("reference weights must be > 0, and --save-lora/--export-lora need a reference")
     for out in (args.out, args.save_lora, args.export_lora):
         if out and not Path(out).resolve().parent.is_dir():
             raise FileNotFoundError(f"{out}: its folder does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if (args.dtype or ("bf16" if device.startswith("cuda") else "fp32")) == "fp32" else torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device == "cpu" else "bf16")]
 
     pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
     frames, height, width = pipe.sizes(args.frames, args.height, args.width)
@@ -312,7 +309,7 @@ def run(args):
     if args.export_lora:
         lightlora.export_diffusers(args.export_lora, lora)
     times["write"] = time.perf_counter() - t1
-    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) | " + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) |", " ".join(f"{k} {t:.1f}s" for k, t in times.items()))
 
 
 def main(argv=None):
@@ -323,8 +320,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="hypernetwork checkpoint (default <model>/hypernet.safetensors)")
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--frames", type=int, help="8k+1 (default: the model's sample_frames)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    for size in ("--height", "--width"):  # default: the model's sample size
+        p.add_argument(size, type=int)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")

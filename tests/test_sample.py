@@ -238,3 +238,30 @@ def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
     if case == "out folder":
         out = tmp_path / "missing" / "out.mp4"
     _fails(capsys, argv, out, match)
+
+
+def test_pipeline_matches_diffusers_1_5(tmp_path):
+    """CogVideoX1.5-I2V-like tiny model: patch_size_t=2 (one padding latent frame, dropped before decoding),
+    ofs embedding, invert_scale_latents, RoPE without learned positions."""
+    import shutil
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from conftest import TINY_DIT_I2V, TINY_T5, TINY_VAE, make_tokenizer_dir, perturb
+    torch.manual_seed(0)
+    tok = T5Tokenizer.from_pretrained(str(make_tokenizer_dir(tmp_path / "tok")))
+    dit = CogVideoXTransformer3DModel(**dict(TINY_DIT_I2V, use_learned_positional_embeddings=False, patch_size_t=2,
+                                             ofs_embed_dim=16, patch_bias=False))
+    pipe = CogVideoXImageToVideoPipeline(
+        tokenizer=tok, text_encoder=perturb(T5EncoderModel(T5Config(**TINY_T5)).eval(), 1), transformer=perturb(dit.eval(), 2),
+        vae=perturb(AutoencoderKLCogVideoX(**dict(TINY_VAE, invert_scale_latents=True)).eval(), 3, std=0.02),
+        scheduler=CogVideoXDDIMScheduler(**DDIM_CONFIG))
+    pipe.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+    shutil.copy(tmp_path / "tok" / "spiece.model", tmp_path / "m" / "tokenizer" / "spiece.model")
+    kw = dict(num_frames=9, height=64, width=96, num_inference_steps=2, guidance_scale=5.0)
+    ref = pipe(image=_image(), prompt="fox", generator=torch.Generator().manual_seed(1), output_type="pt", **kw).frames[0]
+    out = sample.load(tmp_path / "m", torch.float32, "cpu").generate(_image(), "fox", frames=9, height=64, width=96,
+                                                                     steps=2, guidance=5.0, seed=1)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    print(f"1.5-I2V-like: max rel err {err:.2e}")
+    assert out.shape == ref.shape == (9, 3, 64, 96) and err <= 1e-4

@@ -318,6 +318,7 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
                     save(file("clips", c.path), dict(mean=m.bfloat16().cpu(), logvar=lv.bfloat16().cpu(), first=first),
                          path=c.path, stamp=s, settings=settings)
             bar.update(len(items))
+        bar.close()
         del vae
     captions = sorted({c.caption for c in clips})
     if todo := [t for j, t in enumerate(captions) if j % world == rank and _meta(file("texts", t)).get("model") != settings["model"]]:

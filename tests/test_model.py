@@ -337,3 +337,17 @@ def test_load_errors(dit_folder, tmp_path_factory):
         model.T5Config.from_dict(dict(TINY_T5, feed_forward_proj="relu"))
     with pytest.raises(FileNotFoundError, match="no spiece.model"):
         model.Tokenizer(folder)
+
+
+def test_compile_no_graph_break_no_recompile():
+    """fullgraph torch.compile (counting backend, no codegen): new LoRA values or timesteps reuse the graph."""
+    torch.manual_seed(0)
+    dit = model.DiT(model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])).eval().requires_grad_(False)
+    graphs = []
+    f = torch.compile(dit, backend=lambda gm, ex: graphs.append(gm) or gm.forward, fullgraph=True)
+    x, text = torch.randn(2, 3, 8, 8, 12), torch.randn(2, 226, 32)
+    for i in range(3):
+        lora = {"transformer_blocks.0.attn1.to_q": (torch.randn(2, 32, 1), torch.randn(2, 1, 32))}
+        t = torch.tensor([999 - i, 10 * i])
+        assert torch.equal(f(x, text, t, lora=lora), dit(x, text, t, lora=lora))
+    assert len(graphs) == 1

@@ -351,3 +351,13 @@ def test_compile_no_graph_break_no_recompile():
         t = torch.tensor([999 - i, 10 * i])
         assert torch.equal(f(x, text, t, lora=lora), dit(x, text, t, lora=lora))
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("name,keys,params", [("2b", 736, 1.694), ("5b", 1024, 5.570), ("5b-i2v", 1025, 5.570),
+                                              ("1.5-5b", 1024, 5.571), ("1.5-5b-i2v", 1028, 5.572)])
+def test_presets_match_official_key_counts(name, keys, params):
+    """Spec §2.1: state-dict key counts and parameter counts of the official checkpoints (built on meta)."""
+    with torch.device("meta"):
+        dit = model.DiT(model.DiTConfig.from_dict(model.DIT_PRESETS[name]))
+    assert len(dit.state_dict()) == keys
+    assert round(sum(p.numel() for p in dit.parameters()) / 1e9, 3) == params

@@ -181,19 +181,21 @@ def load(path, dit, device="cpu"):
     """-> (Video2LoRA on device, meta). Checks the checkpoint was made for this DiT's adapted layers."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Video2LoRA checkpoint not found: {path}")
-    with safe_open(str(path), "pt", device=str(device)) as f:
+    with safe_open(str(path), "pt", device="cpu") as f:
         md = f.metadata() or {}
         if "video2lora" not in md:
             raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
         cfg = json.loads(md["video2lora"])
         sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
-    v2l = Video2LoRA(dit, HyperNetConfig(**cfg["hypernet"]), cfg["a"], cfg["b"], cfg["r"], cfg["layers"], cfg["scale"])
+    with torch.device("meta"):  # no init work: every weight comes from the file (assign=True below)
+        v2l = Video2LoRA(dit, HyperNetConfig(**cfg["hypernet"]), cfg["a"], cfg["b"], cfg["r"], cfg["layers"],
+                         cfg["scale"])
     have, want = [tuple(s) for s in cfg["shapes"]], v2l.lora.shapes
     if cfg["names"] != v2l.lora.names or have != want:
         raise ValueError(f"{path} was trained for a DiT with {len(have)} adapted layers (layers={cfg['layers']!r}, "
                          f"shapes {sorted(set(have))}); this DiT has {len(want)} (shapes {sorted(set(want))})")
     try:
-        v2l.load_state_dict(sd, strict=True)
+        v2l.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the model its own config describes: {e}") from None
     return v2l.to(device), json.loads(md.get("meta", "{}"))

@@ -29,9 +29,12 @@ def adapted_linears(dit, layers="attn"):
 
 
 def orthogonal(n, rows, cols):
-    """n matrices [rows, cols] with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols)."""
-    q = torch.linalg.qr(torch.randn(n, max(rows, cols), min(rows, cols)))[0]
-    return q if rows > cols else q.transpose(1, 2)
+    """n random matrices [rows, cols] with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols).
+    Cholesky-QR: Q = X R^-1 with R^T R = X^T X, the Q of a QR with positive diagonal; exact to ~1e-6 for a
+    Gaussian tall X and ~6x faster than torch.linalg.qr on CPU (77 M params for 5B)."""
+    x = torch.randn(n, max(rows, cols), min(rows, cols))
+    q = torch.linalg.solve_triangular(torch.linalg.cholesky(x.mT @ x, upper=True), x, upper=True, left=False)
+    return (q if rows > cols else q.mT).contiguous()  # LAPACK returns column-major
 
 
 class LightLoRA(nn.Module):
@@ -54,7 +57,8 @@ class LightLoRA(nn.Module):
             self.groups[key] = [self.names[j] for j in idx]
             self.A_aux[key] = nn.Parameter(orthogonal(len(idx), a, i))
             self.B_aux[key] = nn.Parameter(orthogonal(len(idx), o, b))
-            self.register_buffer("idx_" + key, torch.tensor(idx), persistent=False)
+            # explicit device: stays real when the module is built on "meta" to be loaded with assign=True
+            self.register_buffer("idx_" + key, torch.tensor(idx, device="cpu"), persistent=False)
 
     def count(self):
         return dict(layers=self.n_layers, predicted_per_video=self.n_layers * (self.a + self.b) * self.r,

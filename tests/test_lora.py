@@ -186,6 +186,7 @@ def test_save_load(dit, tmp_path):
     hypernet.save(path, v2l, extra={"optim.state": torch.ones(3)}, meta={"step": 7})
     back, meta = hypernet.load(path, dit)
     assert meta == {"step": 7} and back.lora.scale == 0.5 and back.lora.names == v2l.lora.names
+    assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32 for p in back.parameters())
     sd, sd2 = v2l.state_dict(), back.state_dict()
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
     with torch.no_grad():

@@ -54,12 +54,10 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
     """-> [frames,3,height,width] in [-1,1]. Frame i is the source frame on screen at time
     start + i/fps (the latest with pts <= it), so any source frame rate gives the same motion speed.
     allow_short=True pads a short video by repeating its last frame and returns (video, n_real)."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such file")
     try:
         c = av.open(str(path))
         stream = c.streams.video[0]
-    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:  # missing, unreadable, corrupt, audio only
         raise VideoError(f"{path}: cannot open as a video ({e or 'no video stream'})") from None
     with c:
         stream.thread_type = "AUTO"
@@ -198,7 +196,7 @@ class VideoPairs(torch.utils.data.Dataset):
             except VideoError as e:
                 return self._mark_bad(clip, str(e).removeprefix(f"{clip.path}: "))
         why = self.cache.why_missing(clip)
-        return self._mark_bad(clip, why) if why else self.cache.load(clip)
+        return self._mark_bad(clip, why) if why else self.cache.latents(clip)
 
     def __getitem__(self, i):
         clip, j = self.clips[i], pair(self.clips, i, self.seed, self.epoch, self.groups)
@@ -255,12 +253,9 @@ class Cache:
     def has(self, clip):
         return self.why_missing(clip) is None
 
-    def load(self, clip):
-        """-> {"mean", "logvar"} bf16 [C,F',h,w] and "first": frame 0 as uint8 [3,H,W]."""
-        return load_file(str(self.root / "clips" / f"{_key(clip.path)}.safetensors"))
-
     def latents(self, clip):
-        return self.load(clip)["mean"], self.load(clip)["logvar"]
+        """-> {"mean", "logvar"} bf16 [C,F',h,w] (VAE layout) and "first": frame 0 as uint8 [3,H,W]."""
+        return load_file(str(self.root / "clips" / f"{_key(clip.path)}.safetensors"))
 
     def has_text(self, caption):
         return _key(caption) in self.texts
@@ -328,7 +323,7 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
                 save(file("texts", t), {"text": e.bfloat16().cpu()}, caption=t, model=settings["model"])
         del t5
     if world > 1:
-        dist.barrier()
+        dist.barrier()  # every rank's files are on disk
     if rank == 0:  # index what is on disk now, whichever rank (or earlier run) wrote it
         meta = lambda kind: {f.stem: _meta(f) for f in sorted((out / kind).glob("*.safetensors"))}
         index = dict(settings=settings, texts={k: {"caption": m["caption"]} for k, m in meta("texts").items()
@@ -340,7 +335,6 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
         bad = sum("bad" in e for e in index["clips"].values())
         print(f"cache {out}: {len(index['clips']) - bad} clips, {bad} bad, {len(index['texts'])} captions")
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
 
 

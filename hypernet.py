@@ -104,15 +104,16 @@ class HyperNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # Zero ONLY head_B: B_pred = 0 makes dW = 0 exactly (the DiT starts bit-identical to its base) while
-        # A_pred stays non-zero, so head_B gets a gradient at once. With dW = 0 no init can also give the aux
-        # factors (or anything feeding A_pred) a step-1 gradient: dL/dB_aux = G (B_pred A_pred A_aux)^T and
-        # dL/dA_aux = (B_aux B_pred A_pred)^T G, and with orthonormal aux dW = 0 forces B_pred A_pred = 0;
-        # for r=1 a zero outer product has a zero factor, which kills every other factor's gradient (as with
-        # plain LoRA's B = 0). The alternative, a cancelling frozen copy (f(theta) - f(theta_0)), changes the
-        # method and breaks exactness. After one optimizer step B_pred != 0 and every parameter gets a gradient
-        # (tests/test_lora.py proves both steps). ||A_pred|| ~ sqrt(r) at init: a unit-sized "down" direction
-        # (see LightLoRA), so the LoRA's spectral norm is scale * ||B_pred|| and grows from 0 with training.
+        # Zero ONLY head_B: B_pred = 0, so dW = 0 exactly and the DiT starts bit-identical to its base. At step 1
+        # only head_B has a gradient (B_aux^T G A_aux^T A_pred^T, non-zero as A_pred != 0); everything else gets
+        # exactly 0, and no init does better while dW = 0 exactly: with orthonormal aux, dW = 0 forces
+        # M = B_pred A_pred = 0, so dL/dB_aux = G (M A_aux)^T and dL/dA_aux = (B_aux M)^T G vanish; for r=1, M = 0
+        # needs a zero factor, which zeroes the other factor's gradient and, through head_B = 0, the trunk's
+        # (plain LoRA with B = 0 is the same). Only a cancelling frozen copy, dW = f(theta) - f(theta_0), avoids
+        # it, at the price of a second hypernet pass, a rank-2r LoRA and exactness: not the paper's method. After
+        # one optimizer step B_pred != 0 and every parameter has a gradient (tests/test_lora.py checks both).
+        # ||A_pred|| ~ sqrt(r) at init, a unit-sized "down" direction (see LightLoRA), so the LoRA's spectral
+        # norm is scale * ||B_pred||: 0 at init, growing with training.
         nn.init.normal_(self.weight_tokens, std=0.02)
         nn.init.normal_(self.head_A.weight, std=(self.cfg.width * self.a) ** -0.5)
         nn.init.zeros_(self.head_A.bias)

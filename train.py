@@ -9,8 +9,8 @@ Objective = the official CogVideoX I2V training (cogvideox-spec §4.2): v-predic
 image condition = the first frame + exp(N(-3, 0.5^2)) pixel noise, VAE-encoded and zero-padded over the
 latent frames; the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward.
 Layouts: DiT B F C H W, VAE B C T H W. Every random draw of a sample comes from a generator seeded by
-(seed, global sample number), so 1 process x batch 2 == 2 processes x batch 1, and --resume is exact
-without any RNG state to restore.
+(seed, global sample number), so 1 process x batch 2 == 2 processes x batch 1, and --resume is exact by
+construction (the torch RNG state is checkpointed too, but nothing in a step draws from it).
 """
 import argparse
 import dataclasses
@@ -228,9 +228,9 @@ def main(args):
         net = torch.nn.parallel.DistributedDataParallel(v2l, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(v2l.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
-    step, samples = 0, 0
+    step, samples, skipped = 0, 0, 0
     if meta is not None:
-        step, samples = meta["step"], meta["samples"]
+        step, samples, skipped = meta["step"], meta["samples"], meta["skipped"]
         with safe_open(str(ckpts[-1]), "pt", device=str(device)) as fh:
             state = {}
             for key in fh.keys():
@@ -254,7 +254,8 @@ def main(args):
             sd = opt.state_dict()["state"]
             extra = {f"optim.{names[i]}.{k}": v for i, s in sd.items() for k, v in s.items()}
             extra["rng.torch"] = torch.get_rng_state()  # unused by the maths (see the docstring), kept for tools
-            info = dict(step=step, samples=samples, epoch=samples // len(pairs), index=samples % len(pairs), args=vars(args))
+            info = dict(step=step, samples=samples, epoch=samples // len(pairs), index=samples % len(pairs),
+                        skipped=skipped, args=vars(args))
             hypernet.save(run / f"ckpt-{step:06d}.safetensors", v2l, extra=extra, meta=info)  # tmp file + rename
             for old in checkpoints(run)[:-max(1, args.keep)]:
                 old.unlink()
@@ -320,7 +321,7 @@ def main(args):
     # ---- loop -----------------------------------------------------------------------------------------------
     metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
-    bad_in_row, skipped, saved_at = 0, 0, step
+    bad_in_row = 0
     while step < args.steps and not STOP:
         t0 = time.perf_counter()
         step += 1
@@ -368,15 +369,12 @@ def main(args):
             print0(f"stopping: {bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is "
                    f"{last[-1] if last else '(none yet)'} (lower --lr, check the data, or raise --max-bad-steps)")
             sys.exit(1)
-        if STOP or stop:
+        if stop and not STOP:  # the signal reached another rank
             STOP.append(signal.SIGTERM)
         if step % args.save_every == 0 or step == args.steps or STOP:
             save()
-            saved_at = step
         if args.eval_every and step % args.eval_every == 0:
             validate()
-    if saved_at != step:
-        save()
     bar.close()
     if WORLD > 1:
         dist.barrier()

@@ -108,6 +108,14 @@ def test_log_and_checkpoints(straight, tiny_model_dir):
     assert not dit_keys & {k.split(".", 1)[1] for k in keys}
 
 
+def test_sample_reads_training_checkpoint(straight, tiny_model_dir):
+    """sample.py --ckpt takes what training wrote, with no conversion."""
+    import sample
+    ckpt = straight[0] / "ckpt-000004.safetensors"
+    pipe = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ckpt)
+    close({k: v for k, v in pipe.v2l.state_dict().items()}, weights(ckpt), 0)
+
+
 def test_no_cache_same_losses(straight, tiny_model_dir, clips, tmp_path):
     """Reading and encoding videos every step == the cache (which holds bf16 posteriors and T5 outputs, hence
     1e-3 and not 1e-6); bad clips are skipped and listed on this path too."""

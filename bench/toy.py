@@ -1,0 +1,626 @@
+"""Toy-scale end-to-end run on the synthetic effects (issue 7): every model trained from scratch on 2 CPU cores,
+saved in the official CogVideoX folder layout, then the reproduction table. One command per stage:
+
+    python bench/toy.py data     # synthetic clips: SEEN train set, HELDOUT train set (oracle/classifier only), test set
+    python bench/toy.py vae      # tiny 3-D causal VAE (vae.VAE), L1 + MSE + small KL
+    python bench/toy.py text     # sentencepiece tokenizer on the captions + random-init tiny T5 encoder
+    python bench/toy.py dit      # tiny I2V DiT pretrained as a base model (v-prediction, first-frame condition)
+    python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))
+    python bench/toy.py oracle   # a classic rank-r LoRA per category, trained on that category alone
+    python bench/toy.py eval     # effect classifier + the table -> bench/RESULTS.md
+    python bench/toy.py export   # the shipped default: assets/ (model folder, hypernet, ref.mp4, img.png, strip.png)
+
+All outputs go to --out (default toy/, git-ignored); `export` copies the final model to assets/.
+Layouts: clips [F,3,H,W] in [0,1] (effects), DiT latents B F C H W, VAE B C T H W.
+"""
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import data  # noqa: E402
+import effects  # noqa: E402
+import model  # noqa: E402
+import sample  # noqa: E402
+import vae as vae_lib  # noqa: E402
+
+SIZE, FRAMES, FPS = 64, 9, 8  # 64x64 pixels -> 8x8 latents; 9 frames -> 3 latent frames
+N_TRAIN, N_TEST = 16, 3  # clips per category
+# layers_per_block=0 (so equal widths): the encoder is conv_in + strided convs + the mid block, the decoder one resnet
+# per level; on one shared CPU core the official shape with 16-32 channels trained at ~50 s/step.
+VAE_CFG = dict(latent_channels=8, block_out_channels=(12, 12, 12, 12), layers_per_block=0, norm_num_groups=4,
+               sample_height=SIZE, sample_width=SIZE)
+T5_CFG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+DIT_CFG = dict(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=8, time_embed_dim=64,
+               text_embed_dim=32, num_layers=4, sample_frames=FRAMES, sample_height=SIZE // 8, sample_width=SIZE // 8,
+               use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)
+# THUDM/CogVideoX-5b-I2V scheduler/scheduler_config.json
+SCHED_CFG = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0, "num_train_timesteps": 1000,
+             "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "sample_max_value": 1.0,
+             "set_alpha_to_one": True, "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
+             "trained_betas": None}
+torch.set_num_threads(2)
+
+
+def log(out, stage, msg):
+    line = f"[{time.strftime('%H:%M:%S')}] {stage}: {msg}"
+    print(line, flush=True)
+    with open(Path(out) / "toy.log", "a") as fh:
+        fh.write(line + "\n")
+
+
+def save_folder(path, module, config, fname="diffusion_pytorch_model.safetensors"):
+    """An official-layout component folder: config.json + one safetensors file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    save_file({k: v.detach().contiguous().cpu().float() for k, v in module.state_dict().items()}, str(path / fname))
+
+
+def clips_of(root):
+    """[(category, mp4 path, meta)] of a dataset folder, stable order."""
+    return [(c.category, c.path, json.loads(Path(c.path).with_suffix(".json").read_text())) for c in data.scan(root)]
+
+
+def load_clips(root):
+    """All clips of a folder as one tensor [N,F,3,H,W] in [-1,1] (decoded mp4s, what training sees) + categories."""
+    items = clips_of(root)
+    return torch.stack([data.read_video(p, FRAMES, FPS, SIZE, SIZE) for _, p, _ in items]), [c for c, _, _ in items]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def stage_data(args):
+    out = Path(args.out) / "data"
+    w = lambda sub, n, cats, split: len(effects.write_dataset(out / sub, n, FRAMES, SIZE, SIZE, FPS, 0, cats, split))
+    n1 = w("train", N_TRAIN, effects.SEEN, "train")
+    n2 = w("train_heldout", N_TRAIN, effects.HELDOUT, "train")  # never seen by VAE/DiT/hypernet: oracle + classifier
+    n3 = w("test", N_TEST, effects.CATEGORIES, "test")  # held-out images, every category
+    log(args.out, "data", f"{n1} SEEN train clips, {n2} HELDOUT train clips (oracle/classifier), {n3} test clips")
+
+
+# ---------------------------------------------------------------------------------------------------- vae
+def vae_step(vae, x, gen):
+    """x [B,3,F,H,W] in [-1,1] -> (recon loss, kl). VAE.encode/decode run under no_grad (the VAE is frozen in
+    the method), so training calls the chunked encoder/decoder passes directly: the same maths with autograd."""
+    h = vae._chunked(vae.encoder, x, vae_lib.ENCODE_CHUNK)
+    c = vae.config.latent_channels
+    mean, logvar = h[:, :c], h[:, c:].clamp(-30.0, 20.0)
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
+    y = vae._chunked(vae.decoder, z, vae_lib.DECODE_CHUNK)
+    rec = (y - x).abs().mean() + F.mse_loss(y, x)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    return rec, kl
+
+
+@torch.no_grad()
+def init_pooling_vae(vae, K=100.0, B=10.0):
+    """Set the VAE's weights so it is, exactly up to ~1e-3, an 8x8 average-pooling autoencoder: latent channels
+    0-2 = RGB averaged over 8x8 pixels (and over the frame pairs the causal VAE merges: latent frames = frame 0,
+    frames 1-4, frames 5-8), the decoder repeats them back (slightly smoothed). Every resnet's last conv is zero
+    (identity blocks); GroupNorm is defeated by carrying each colour as a zero-mean group (X, K - X, -K), whose
+    std ~ K sqrt(2/3) barely depends on X; SiLU runs at an offset B where it is the identity. Gradient training
+    from random init ran at ~15 s/step on our shared CPU core and was nowhere near usable in budget, so this is
+    the toy VAE's starting point (and, at the budget used for the shipped model, its end point)."""
+    enc, dec = vae.encoder, vae.decoder
+    for m in vae.modules():
+        if isinstance(m, vae_lib.ResnetBlock3D):
+            m.conv2.conv.weight.zero_()
+            m.conv2.conv.bias.zero_()
+    w = enc.conv_in.conv.weight  # [12, 3, t, 3, 3], time tap 2 = the current frame
+    w.zero_()
+    bias = enc.conv_in.conv.bias
+    bias.zero_()
+    for k in range(3):
+        w[3 * k, k, 2, 1, 1], w[3 * k + 1, k, 2, 1, 1] = 1.0, -1.0
+        bias[3 * k + 1], bias[3 * k + 2] = K, -K
+    for blk in enc.down_blocks:
+        if hasattr(blk, "downsamplers"):
+            cw = blk.downsamplers[0].conv.weight  # stride 2, input rows/cols 2y..2y+2: taps 0,1 = a 2x2 mean
+            cw.zero_()
+            blk.downsamplers[0].conv.bias.zero_()
+            for c in range(cw.shape[0]):
+                cw[c, c, :2, :2] = 0.25
+    n = enc.norm_out
+    n.weight.zero_()
+    n.bias.zero_()
+    for k in range(3):
+        n.weight[3 * k], n.bias[3 * k] = K * (2 / 3) ** 0.5, B
+    co = enc.conv_out.conv
+    co.weight.zero_()
+    co.bias.zero_()
+    lc = vae.config.latent_channels
+    for k in range(3):
+        co.weight[k, 3 * k, 2, 1, 1] = 1.0
+        co.bias[k] = -B
+    co.bias[lc:] = -12.0  # logvar: std 0.0025
+    sn = dec.norm_out
+    sn.conv_y.conv.weight.zero_()
+    sn.conv_y.conv.bias.zero_()
+    sn.conv_b.conv.weight.zero_()
+    sn.conv_b.conv.bias.zero_()
+    for k in range(3):
+        sn.conv_b.conv.weight[k, k] = 1.0
+        sn.conv_b.conv.bias[k] = sn.conv_b.conv.bias[k + 3] = B
+    do = dec.conv_out.conv
+    do.weight.zero_()
+    do.bias.zero_()
+    blur = torch.tensor([1.0, 2.0, 1.0])
+    blur = blur[:, None] * blur[None] / 16
+    for k in range(3):  # blur(z + B) - blur(B): the same zero padding on both, so borders stay exact
+        do.weight[k, k, 2], do.weight[k, k + 3, 2] = blur, -blur
+    return vae
+
+
+def stage_vae(args):
+    out = Path(args.out)
+    torch.manual_seed(0)
+    clips, _ = load_clips(out / "data/train")
+    x_all = clips.transpose(1, 2)  # [N,F,3,H,W] -> VAE [N,3,F,H,W]
+    cfg = vae_lib.VAEConfig(**VAE_CFG)
+    vae = init_pooling_vae(vae_lib.VAE(cfg)).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, weight_decay=0.0)
+    gen, t0, step = torch.Generator().manual_seed(0), time.time(), 0
+    while time.time() - t0 < args.minutes * 60:  # optional fine-tuning from the pooling init
+        idx = torch.randint(len(x_all), (args.batch,), generator=gen)
+        x = x_all[idx]
+        if step % 2:  # half the steps on single frames: the image condition is a 1-frame encode
+            x = x[:, :, :1]
+        else:  # video steps on random 32x32 crops (4x cheaper; the VAE is fully convolutional)
+            i, j = (int(v) for v in torch.randint(0, SIZE - 31, (2,), generator=gen))
+            x = x[..., i:i + 32, j:j + 32]
+        rec, kl = vae_step(vae, x, gen)
+        loss = rec + 1e-6 * kl
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 5 == 0:
+            log(out, "vae", f"step {step} | rec {rec.item():.4f} | kl {kl.item():.2f} | {time.time() - t0:.0f} s")
+    vae.eval()
+    with torch.no_grad():  # scaling_factor = 1/std of the (used) latent channels, as the official VAEs were calibrated
+        mean, _ = vae.encode(x_all[::34])
+        rec = vae.decode(mean)
+    sf = float(1 / mean[:, :3].std())
+    p = effects.psnr((rec.clamp(-1, 1) + 1) / 2, (x_all[::34] + 1) / 2)
+    cfg_d = dict(_class_name="AutoencoderKLCogVideoX", **dict(vars(cfg), scaling_factor=sf))
+    cfg_d["block_out_channels"] = list(cfg.block_out_channels)
+    cfg_d["down_block_types"], cfg_d["up_block_types"] = list(cfg.down_block_types), list(cfg.up_block_types)
+    save_folder(out / "model/vae", vae, cfg_d)
+    log(out, "vae", f"{step} fine-tuning steps in {time.time() - t0:.0f} s; train-clip reconstruction PSNR {p:.2f} dB; "
+                    f"scaling_factor {sf:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def stage_text(args):
+    """tokenizer/ (sentencepiece on the captions; T5's layout: pad 0, eos 1, unk 2, + 100 sentinels) and a
+    random-init tiny T5 encoder: the toy captions never name the effect, so there is nothing to learn from them."""
+    import sentencepiece as spm
+    out = Path(args.out) / "model"
+    tok = out / "tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    words = effects.CAPTIONS + [effects.caption(c, 0, named=True) for c in effects.CATEGORIES]
+    (tok / "corpus.txt").write_text("\n".join(words * 20) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tok / "corpus.txt"), model_prefix=str(tok / "spiece"), vocab_size=64,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2, hard_vocab_limit=False)
+    (tok / "corpus.txt").unlink()
+    (tok / "spiece.vocab").unlink()
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 226, "eos_token": "</s>",
+         "pad_token": "<pad>", "unk_token": "<unk>"}, indent=1) + "\n")
+    n = model.Tokenizer(tok).sp.get_piece_size() + 100
+    torch.manual_seed(0)
+    cfg = model.T5Config(vocab_size=n, **T5_CFG)
+    t5 = model.T5Encoder(cfg)
+    with torch.no_grad():  # T5's init scales (std 1 embeddings, 1/sqrt(fan-in) projections); biases none
+        for name, p in t5.named_parameters():
+            p.normal_(0, 1.0 if "shared" in name or "relative" in name else p.shape[-1] ** -0.5) if p.dim() > 1 \
+                else p.fill_(1.0)
+    save_folder(out / "text_encoder", t5, dict(_class_name="T5EncoderModel", architectures=["T5EncoderModel"],
+                model_type="t5", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1, **vars(cfg)),
+                "model.safetensors")
+    ids = model.Tokenizer(tok)(effects.CAPTIONS[:1])
+    log(args.out, "text", f"vocab {n}; '{effects.CAPTIONS[0]}' -> {ids[0, :8].tolist()}; T5 "
+                          f"{sum(p.numel() for p in t5.parameters())} params")
+
+
+# ---------------------------------------------------------------------------------------------------- dit
+def write_index(mdir):
+    mdir = Path(mdir)
+    (mdir / "scheduler").mkdir(parents=True, exist_ok=True)
+    (mdir / "scheduler/scheduler_config.json").write_text(json.dumps(SCHED_CFG, indent=1) + "\n")
+    (mdir / "model_index.json").write_text(json.dumps({
+        "_class_name": "CogVideoXImageToVideoPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"]}, indent=1) + "\n")
+
+
+def latent_set(args, root, vae):
+    """Everything a DiT step needs for each clip of `root`, from the data.py cache (built here if missing, the
+    same cache train.py reads): video posterior (mean, logvar) [N,C,F',h,w], image posterior of frame 0 with
+    the official pixel noise (one draw per clip, to spare per-step VAE encodes) and T5 embeddings [N,L,D]."""
+    out, mdir = Path(args.out), Path(args.out) / "model"
+    cdir = out / ("cache_" + Path(root).name)
+    data.build_cache(mdir, root, cdir, FRAMES, FPS, SIZE, SIZE, batch=8, workers=0)
+    cache, clips = data.Cache(cdir), data.scan(root)
+    lat = [cache.latents(c) for c in clips]
+    mean = torch.stack([d["mean"] for d in lat]).float()
+    logvar = torch.stack([d["logvar"] for d in lat]).float()
+    first = torch.stack([d["first"] for d in lat]).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(1)
+    sigma = (torch.randn(len(clips), generator=g) * 0.5 - 3).exp()
+    first = first + sigma[:, None, None, None] * torch.randn(first.shape, generator=g)
+    with torch.no_grad():
+        im = [vae.encode(first[i:i + 32, :, None]) for i in range(0, len(first), 32)]  # [B,3,1,H,W]
+    text = torch.stack([cache.text(c.caption) for c in clips]).float()
+    if cache.has_text(""):
+        empty = cache.text("").float()
+    else:  # caption dropout's empty prompt, as train.py computes it
+        t5, tok = model.load_t5(mdir / "text_encoder"), model.Tokenizer(mdir / "tokenizer")
+        with torch.no_grad():
+            empty = t5(tok([""]))[0]
+    return dict(mean=mean, logvar=logvar, img_mean=torch.cat([m for m, _ in im]), img_logvar=torch.cat(
+        [v for _, v in im]), text=text, empty=empty,
+        cats=[c.category for c in clips])
+
+
+def dit_batch(S, idx, A, sf, g, empty, p_drop=0.1):
+    """The official I2V objective (train.py's batch_inputs, without a reference): -> (input, text, t, v)."""
+    B = len(idx)
+    post = lambda m, lv: m + (0.5 * lv).exp() * torch.randn(m.shape, generator=g)
+    x0 = (post(S["mean"][idx], S["logvar"][idx]) * sf).transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
+    img = (post(S["img_mean"][idx], S["img_logvar"][idx]) * sf).transpose(1, 2)
+    img = torch.cat([img, img.new_zeros(B, x0.shape[1] - 1, *img.shape[2:])], 1)
+    t = torch.randint(0, len(A), (B,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = A[t].view(-1, 1, 1, 1, 1)
+    x_t, v = a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+    drop = torch.rand(B, generator=g) < p_drop
+    text = torch.where(drop[:, None, None], empty, S["text"][idx])
+    return torch.cat([x_t, img], 2), text, t, v
+
+
+def stage_dit(args):
+    out, mdir = Path(args.out), Path(args.out) / "model"
+    write_index(mdir)
+    vae = vae_lib.load_vae(mdir / "vae")
+    S = latent_set(args, out / "data/train", vae)
+    sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
+    torch.manual_seed(0)
+    cfg = model.DiTConfig(**DIT_CFG)
+    dit = model.DiT(cfg)
+    with torch.no_grad():  # DiT-style init: adaLN modulations and the output projection start at zero
+        for n, m in dit.named_modules():
+            if n.endswith("norm1.linear") or n.endswith("norm2.linear") or n in ("norm_out.linear", "proj_out"):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+    dit.train()
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    g, t0, step, ema = torch.Generator().manual_seed(0), time.time(), 0, None
+    while time.time() - t0 < args.minutes * 60:
+        frac = (time.time() - t0) / (args.minutes * 60)
+        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
+            grp["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * frac))
+        idx = torch.randint(len(S["mean"]), (args.batch,), generator=g)
+        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+        loss = F.mse_loss(dit(x, text, t), v)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            log(out, "dit", f"step {step} | loss {ema:.4f} | {time.time() - t0:.0f} s")
+    cfg_d = dict(_class_name="CogVideoXTransformer3DModel", _diffusers_version="0.42.1", **vars(cfg))
+    save_folder(mdir / "transformer", dit, cfg_d)
+    log(out, "dit", f"{step} steps x batch {args.batch} in {time.time() - t0:.0f} s, final loss (EMA) {ema:.4f}; "
+                    f"{sum(p.numel() for p in dit.parameters()) / 1e6:.2f} M params")
+
+
+# ---------------------------------------------------------------------------------------------------- hyper
+# (name, train.py arguments): the main run is the shipped one (train.py defaults: k=4, a=100, b=50); the
+# ablations change one thing each and run as many steps as the main run's checkpoint they are compared with.
+RUNS = [("main", []), ("k1", ["--k", "1"]), ("k2", ["--k", "2"]), ("ab16x8", ["--a", "16", "--b", "8"])]
+
+
+def stage_hyper(args):
+    out = Path(args.out)
+    for name, extra in RUNS:
+        if args.runs and name not in args.runs.split(","):
+            continue
+        steps = args.steps if name == "main" else args.ablation_steps
+        cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(out / "model"), "--data", str(out / "data/train"),
+               "--cache", str(out / "cache_train"), "--out", str(out / "hyper" / name), "--steps", str(steps),
+               "--batch-size", str(args.batch), "--lr", str(args.lr), "--warmup", "20", "--hypernet", "tiny",
+               "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20", "--log-every", "25",
+               "--num-workers", "0"] + extra
+        t0 = time.time()
+        log(out, "hyper", " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+        m = [json.loads(l) for l in (out / "hyper" / name / "metrics.jsonl").read_text().splitlines()]
+        tail = sum(r["loss"] for r in m[-50:]) / len(m[-50:])
+        log(out, "hyper", f"{name}: {len(m)} steps in {time.time() - t0:.0f} s, loss (last 50) {tail:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------- oracle
+ORACLE_CATS = ["zoom_in", "pan_right", "rotate", "fade_black", "dolly_zoom", "spin_out", "swirl", "pan_up"]
+
+
+def stage_oracle(args):
+    """A classic LoRA per category: trainable rank-r (down, up) factors on the same layers Video2LoRA adapts
+    (attention q/k/v/out), fed through DiT.forward(lora=...), trained on that category's clips alone."""
+    import lightlora
+    out, mdir = Path(args.out), Path(args.out) / "model"
+    vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
+    sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
+    sets = {"train": latent_set(args, out / "data/train", vae),
+            "train_heldout": latent_set(args, out / "data/train_heldout", vae)}
+    names = [(n, o, i) for n, o, i in lightlora.adapted_linears(dit, "attn")]
+    cats = args.runs.split(",") if args.runs else ORACLE_CATS
+    for cat in cats:
+        S = sets["train_heldout" if cat in effects.HELDOUT else "train"]
+        rows = torch.tensor([j for j, c in enumerate(S["cats"]) if c == cat])
+        torch.manual_seed(0)
+        r = args.rank
+        lora = {n: (nn.Parameter(torch.randn(1, i, r) / i ** 0.5), nn.Parameter(torch.zeros(1, r, o))) for n, o, i in names}
+        params = [p for ab in lora.values() for p in ab]
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        g, t0 = torch.Generator().manual_seed(0), time.time()
+        for step in range(args.steps):
+            for grp in opt.param_groups:
+                grp["lr"] = args.lr * min(1.0, (step + 1) / 20)
+            idx = rows[torch.randint(len(rows), (args.batch,), generator=g)]
+            x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+            loss = F.mse_loss(dit(x, text, t, lora=lora), v)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        (out / "oracle").mkdir(parents=True, exist_ok=True)
+        lightlora.save_native(out / "oracle" / f"{cat}.safetensors", {n: (d.detach(), u.detach()) for n, (d, u) in lora.items()})
+        log(out, "oracle", f"{cat}: {args.steps} steps x batch {args.batch}, rank {r}, last loss {loss.item():.4f}, "
+                           f"{time.time() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+class Classifier(nn.Module):
+    """Effect classifier: a tiny 3-D conv net on (frames, frames - frame 0) at 32x32; clip [B,F,3,H,W] in [0,1]."""
+
+    def __init__(self, n=len(effects.CATEGORIES)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(6, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 32, 3, (1, 2, 2), 1), nn.ReLU(),
+                                 nn.Conv3d(32, 48, 3, 2, 1), nn.ReLU(), nn.Conv3d(48, 64, 3, 2, 1), nn.ReLU())
+        self.head = nn.Linear(64, n)
+
+    def forward(self, clip):
+        B, Fr = clip.shape[:2]
+        x = F.interpolate(clip.flatten(0, 1), size=(32, 32), mode="area").view(B, Fr, 3, 32, 32)
+        x = torch.cat([x, x - x[:, :1]], 2).transpose(1, 2)  # [B,F,6,h,w] -> [B,6,F,h,w]
+        return self.head(self.net(x).mean((2, 3, 4)))
+
+
+def soften(clip, g):
+    """Augmentation towards what a tiny VAE gives back: random blur (down/up-sampling) and noise."""
+    B, Fr = clip.shape[:2]
+    f = int(torch.randint(1, 4, (), generator=g))
+    if f > 1:
+        x = F.interpolate(clip.flatten(0, 1), scale_factor=1 / (2 ** (f - 1)), mode="area")
+        clip = F.interpolate(x, size=clip.shape[-2:], mode="bilinear", align_corners=False).view(clip.shape)
+    return (clip + 0.03 * torch.rand((), generator=g) * torch.randn(clip.shape, generator=g)).clamp(0, 1)
+
+
+def train_classifier(args):
+    out = Path(args.out)
+    xs, cats = zip(*[load_clips(out / "data" / s) for s in ("train", "train_heldout")])
+    x, y = (torch.cat(xs) + 1) / 2, torch.tensor([effects.CATEGORIES.index(c) for c in cats[0] + cats[1]])
+    torch.manual_seed(0)
+    clf = Classifier()
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for step in range(args.clf_steps):
+        idx = torch.randint(len(x), (32,), generator=g)
+        loss = F.cross_entropy(clf(soften(x[idx], g)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file(clf.state_dict(), str(out / "classifier.safetensors"))
+    return clf.eval()
+
+
+def eval_pairs(out, n):
+    """(category, reference mp4, reference meta, target meta) x n per category, test split (held-out images):
+    the target image is another test clip's image; the ground truth is the reference's effect and parameters
+    applied to it."""
+    by = {}
+    for c, p, m in clips_of(Path(out) / "data/test"):
+        by.setdefault(c, []).append((p, m))
+    return [(c, by[c][i][0], by[c][i][1], by[c][(i + 1) % len(by[c])][1]) for c in effects.CATEGORIES
+            for i in range(min(n, len(by[c])))]
+
+
+def conditions(args):
+    """name -> ("base", None) | ("v2l", ckpt) | ("oracle", folder): what eval generates with."""
+    out, hyp = Path(args.out), Path(args.out) / "hyper"
+    last = lambda run: sorted((hyp / run).glob("ckpt-*.safetensors"))
+    c = {"base": ("base", None)}
+    if last("main"):
+        c["video2lora"] = ("v2l", last("main")[-1])
+        at = hyp / "main" / f"ckpt-{args.ablation_steps:06d}.safetensors"
+        if at.is_file():
+            c["k4 (main @ ablation steps)"] = ("v2l", at)
+    for run in ("k1", "k2", "ab16x8"):
+        if last(run):
+            c[run] = ("v2l", last(run)[-1])
+    if (out / "oracle").is_dir():
+        c["oracle"] = ("oracle", out / "oracle")
+    return c
+
+
+@torch.no_grad()
+def generate(args, which):
+    """Generate every eval pair under the named conditions -> out/gen/<condition>/<category>-<i>.safetensors."""
+    import hypernet
+    import lightlora
+    out = Path(args.out)
+    pipe = sample.load(out / "model", torch.float32, "cpu")
+    pairs, conds = eval_pairs(out, args.pairs), conditions(args)
+    for name in which:
+        kind, src = conds[name]
+        pipe.v2l = hypernet.load(src, pipe.dit)[0].eval() if kind == "v2l" else None
+        d = out / "gen" / name.split(" ")[0]
+        d.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
+            f = d / f"{cat}-{j}.safetensors"
+            if f.is_file():
+                continue
+            image = effects.make_image(tmeta["image_seed"], SIZE, SIZE)
+            lora = None
+            if kind == "v2l":
+                lora = pipe.reference_lora((data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
+            elif kind == "oracle":
+                if not (src / f"{cat}.safetensors").is_file():
+                    continue
+                lora = lightlora.load_native(src / f"{cat}.safetensors")
+            v = pipe.generate(image, "", lora=lora, steps=args.gen_steps, guidance=1.0, seed=j)
+            save_file({"video": v}, str(f))
+        log(out, "eval", f"generated {name}: {len(pairs)} pairs in {time.time() - t0:.0f} s")
+
+
+def stage_gen(args):
+    """eval's generation part alone, for some conditions (so several processes can share the work)."""
+    generate(args, args.runs.split(",") if args.runs else list(conditions(args)))
+
+
+@torch.no_grad()
+def stage_eval(args):
+    out = Path(args.out)
+    conds = conditions(args)
+    generate(args, list(conds))  # whatever `gen` has not made yet
+    clf = train_classifier(args)
+    vae = vae_lib.load_vae(out / "model/vae")
+    pairs = eval_pairs(out, args.pairs)
+    rows = {}
+    for name in ["ground truth (real clip)", "ground truth through the VAE"] + list(conds):
+        res = {"seen": [], "heldout": []}
+        for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
+            gt = effects.apply_effect(effects.make_image(tmeta["image_seed"], SIZE, SIZE), cat, rmeta["params"], FRAMES)
+            if name.startswith("ground truth (real"):
+                v = gt
+            elif name.startswith("ground truth through"):
+                v = (vae.decode(vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1) / 2 + 0.5).clamp(0, 1)
+            else:
+                f = out / "gen" / name.split(" ")[0] / f"{cat}-{j}.safetensors"
+                if not f.is_file():
+                    continue
+                v = load_file(str(f))["video"]
+            hit = int(clf(v[None]).argmax()) == effects.CATEGORIES.index(cat)
+            res["heldout" if cat in effects.HELDOUT else "seen"].append(
+                (effects.psnr(v[1:], gt[1:]), effects.ssim(v[1:], gt[1:]), float(hit), cat))
+        rows[name] = res
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_results(args, rows, conds)
+
+
+def write_results(args, rows, conds):
+    out = Path(args.out)
+    fmt = lambda r: (f"{sum(x[0] for x in r) / len(r):.2f} | {sum(x[1] for x in r) / len(r):.3f} | "
+                     f"{100 * sum(x[2] for x in r) / len(r):.0f}% | {len(r)}") if r else "- | - | - | 0"
+    lines = ["| | seen PSNR | SSIM | classifier acc. | n | held-out PSNR | SSIM | classifier acc. | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, res in rows.items():
+        lines.append(f"| {name} | {fmt(res['seen'])} | {fmt(res['heldout'])} |")
+    oc = sorted({x[3] for res in rows.get("oracle", {}).values() for x in res})
+    if oc:
+        lines += ["", f"Oracle categories only ({', '.join(oc)}):", "",
+                  "| | seen PSNR | SSIM | classifier acc. | n | held-out PSNR | SSIM | classifier acc. | n |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, res in rows.items():
+            sub = {k: [x for x in v if x[3] in oc] for k, v in res.items()}
+            lines.append(f"| {name} | {fmt(sub['seen'])} | {fmt(sub['heldout'])} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------- export
+REF = dict(category="pan_right", effect_seed=7, image_seed=2**30 + 11)  # the shipped reference (held-out image)
+IMG_SEED = 2**30 + 5  # the shipped first frame (held-out image)
+
+
+def strip(path, ref, image, video):
+    """PNG: reference frames on top, the image (left) over the output frames below; [F,3,H,W] in [0,1]."""
+    gap = torch.ones(3, 4, ref.shape[-1])
+    row = lambda v: torch.cat([torch.cat([f, torch.ones(3, f.shape[1], 4)], 2) for f in v], 2)
+    top, bottom = row(ref), row(video)
+    mid = torch.ones_like(top)
+    mid[:, :, :image.shape[-1]] = image
+    effects.write_png(path, torch.cat([top, gap.expand(3, 4, top.shape[-1]), mid, gap.expand(3, 4, top.shape[-1]), bottom], 1))
+
+
+def stage_export(args):
+    import hypernet
+    out, assets = Path(args.out), ROOT / "assets"
+    assets.mkdir(exist_ok=True)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.rmtree(assets / sub, ignore_errors=True)
+        shutil.copytree(out / "model" / sub, assets / sub)
+    shutil.copy(out / "model/model_index.json", assets / "model_index.json")
+    ckpt = sorted((out / "hyper/main").glob("ckpt-*.safetensors"))[-1]
+    v2l, meta = hypernet.load(ckpt, model.load_dit(assets / "transformer"))
+    hypernet.save(assets / "hypernet.safetensors", v2l, meta={k: meta[k] for k in ("step", "samples", "args")})  # no optimizer
+    image = effects.make_image(IMG_SEED, SIZE, SIZE)
+    effects.write_png(assets / "img.png", image)
+    params = effects.sample_params(REF["category"], REF["effect_seed"])
+    ref = effects.apply_effect(effects.make_image(REF["image_seed"], SIZE, SIZE), REF["category"], params, FRAMES)
+    data.write_video(assets / "ref.mp4", ref, fps=FPS)
+    (assets / "ref.json").write_text(json.dumps(dict(REF, params=params, frames=FRAMES, height=SIZE, width=SIZE,
+                                                     fps=FPS), indent=1) + "\n")
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "sample.py", "assets/ref.mp4", "assets/img.png", "--out", str(out / "default.mp4")],
+                         cwd=ROOT, capture_output=True, text=True)
+    log(out, "export", f"default sample.py run: rc {res.returncode} in {time.time() - t0:.1f} s: {res.stdout.strip()} {res.stderr.strip()[-300:]}")
+    video = (data.read_video(out / "default.mp4", FRAMES, FPS, SIZE, SIZE) + 1) / 2
+    strip(assets / "strip.png", ref, image, video)
+    shift, scale = effects.track(video)
+    rshift, _ = effects.track(ref)
+    log(out, "export", f"output shift (dy, dx) at the last frame {shift[-1].tolist()}, reference {rshift[-1].tolist()}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="toy-scale end-to-end Video2LoRA run")
+    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "gen", "eval", "export"])
+    p.add_argument("--out", default=str(ROOT / "toy"))
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of a training stage")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=400, help="hyper: main run steps; oracle: steps per category")
+    p.add_argument("--ablation-steps", type=int, default=200)
+    p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle: categories")
+    p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
+    p.add_argument("--pairs", type=int, default=2, help="eval pairs per category")
+    p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
+    p.add_argument("--clf-steps", type=int, default=300)
+    args = p.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    globals()["stage_" + args.stage](args)
+    log(args.out, args.stage, f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

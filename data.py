@@ -130,13 +130,14 @@ def scan(path):
         txt = lambda v: v.with_suffix(".txt").read_text().strip() if v.with_suffix(".txt").is_file() else ""
         clips = [Clip(str(v), txt(v), d.name) for d in sorted(p for p in path.iterdir() if p.is_dir())
                  for v in sorted(d.iterdir()) if v.suffix.lower() in VIDEO_EXTS]
-    elif path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
+    elif (ext := path.suffix.lower()) in (".csv", ".jsonl") and path.is_file():
         with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh)) if path.suffix.lower() == ".csv" else [json.loads(l) for l in fh if l.strip()]
+            rows = list(csv.DictReader(fh)) if ext == ".csv" else [json.loads(l) for l in fh if l.strip()]
         for n, r in enumerate(rows, 1):
             if not r.get("video") or r.get("category") is None:
                 raise ValueError(f"{path}: row {n} needs 'video' and 'category' (has {sorted(r)})")
-        clips = [Clip(str(path.parent / r["video"]), (r.get("caption") or "").strip(), str(r["category"])) for r in rows]
+        clips = [Clip(str(path.parent / r["video"]), (r.get("caption") or "").strip(), str(r["category"]))
+                 for r in rows]
     else:
         raise FileNotFoundError(f"data {path}: expected a folder root/<category>/<clip> or a .csv/.jsonl manifest")
     if not clips:
@@ -276,7 +277,8 @@ def _decode(clips, **kw):  # the DataLoader's collate_fn, so decoding runs in it
 
 
 @torch.no_grad()
-def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, batch=1, workers=2, tile=False, limit=None):
+def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, batch=1, workers=2, tile=False,
+                limit=None):
     import model as M  # the frozen encoders are needed only here
     import vae as V
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -316,7 +318,8 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
         bar.close()
         del vae
     captions = sorted({c.caption for c in clips})
-    if todo := [t for j, t in enumerate(captions) if j % world == rank and _meta(file("texts", t)).get("model") != settings["model"]]:
+    if todo := [t for j, t in enumerate(captions)
+                if j % world == rank and _meta(file("texts", t)).get("model") != settings["model"]]:
         tok, t5 = M.Tokenizer(model_dir / "tokenizer"), M.load_t5(model_dir / "text_encoder", dtype, dev)
         for k in tqdm(range(0, len(todo), 8), desc=f"cache captions (rank {rank})"):
             for t, e in zip(todo[k:k + 8], t5(tok(todo[k:k + 8]).to(dev))):

@@ -184,7 +184,8 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     for c, m, lv in zip(good, mean, logvar):
         cm, clv = cache.latents(c)["mean"], cache.latents(c)["logvar"]
         assert cm.dtype == torch.bfloat16 and cm.shape == m.shape == (4, 2, H // 8, W // 8)
-        assert (cm.float() - m).abs().max() <= 1e-2 * m.abs().max() and (clv.float() - lv).abs().max() <= 1e-2 * lv.abs().max()
+        assert (cm.float() - m).abs().max() <= 1e-2 * m.abs().max()  # bf16 storage
+        assert (clv.float() - lv).abs().max() <= 1e-2 * lv.abs().max()
     tok, t5 = model.Tokenizer(tiny_model_dir / "tokenizer"), model.load_t5(tiny_model_dir / "text_encoder")
     ref = t5(tok([good[0].caption]))[0]
     assert cache.text(good[0].caption).shape == ref.shape == (226, 32)
@@ -194,7 +195,7 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     ds = data.VideoPairs(clips, frames=5, fps=8, height=H, width=W, cache=cache, run_dir=tmp_path)
     batches = [b for b in torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate) if b is not None]
     b = batches[0]
-    assert b["video"]["mean"].shape[1:] == (4, 2, H // 8, W // 8) and b["ref"]["logvar"].shape == b["video"]["mean"].shape
+    assert b["video"]["mean"].shape[1:] == (4, 2, H // 8, W // 8) == b["ref"]["logvar"].shape[1:]
     assert b["text"].shape == (len(b["caption"]), 226, 32) and b["text"].dtype == torch.bfloat16
     served = [(i, j) for b in batches for i, j in zip(b["index"].tolist(), b["ref_index"].tolist())]
     assert served and all(cache.has(clips[i]) and cache.has(clips[j]) for i, j in served)

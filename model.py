@@ -154,7 +154,7 @@ class DiTConfig:
         if self.ofs_embed_dim and self.ofs_embed_dim != self.time_embed_dim:
             bad.append(f"ofs_embed_dim={self.ofs_embed_dim} != time_embed_dim={self.time_embed_dim}")
         if self.attention_head_dim % 16 or self.inner_dim % 16:
-            bad.append(f"attention_head_dim={self.attention_head_dim} (the 3-D RoPE/sin-cos split needs multiples of 16)")
+            bad.append(f"attention_head_dim={self.attention_head_dim} (3-D RoPE/sin-cos splits need multiples of 16)")
         if bad:
             raise ValueError("unsupported CogVideoX transformer config: " + "; ".join(bad))
 
@@ -415,7 +415,8 @@ class DiT(nn.Module):
             raise ValueError(
                 f"this checkpoint's learned positional embedding only serves latents of F x H x W = "
                 f"{cfg.latent_frames} x {cfg.sample_height} x {cfg.sample_width} ({cfg.sample_frames} frames at "
-                f"{cfg.sample_height * 8}x{cfg.sample_width * 8} pixels); got {x.shape[1]} x {x.shape[3]} x {x.shape[4]}")
+                f"{cfg.sample_height * 8}x{cfg.sample_width * 8} pixels); "
+                f"got {x.shape[1]} x {x.shape[3]} x {x.shape[4]}")
 
     def forward(self, x, text, t, ofs=None, lora=None):
         self._check(x, text)

@@ -211,7 +211,7 @@ def test_t5_buckets_match_transformers():
 
 
 def test_t5_tied_embedding_copy_accepted(t5_pair, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     ref, out = t5_pair
     sd = model.read_state_dict(out)
     sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()

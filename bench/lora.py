@@ -72,6 +72,14 @@ def overhead(args, device, dtype):
     print(f"base forward  median {mb:9.2f} ms  (min {min(base):.2f})\nLoRA forward  median {ml:9.2f} ms  "
           f"(min {min(with_lora):.2f})\noverhead: median/median {100 * (ml / mb - 1):+.2f}%, "
           f"min/min {100 * (min(with_lora) / min(base) - 1):+.2f}%   ({args.reps} interleaved pairs)")
+    # The same cost isolated (less noisy): one adapted linear on the joint text+video sequence, 50 calls each.
+    layer, name = dit.transformer_blocks[0].attn1.to_q, "transformer_blocks.0.attn1.to_q"
+    h = torch.randn(B, F * H * W // 4 + 226, cfg.inner_dim, device=device, dtype=dtype)
+    n = 50
+    tb = min(timed(lambda: [model.lora_linear(layer, h) for _ in range(n)], device) for _ in range(5)) / n
+    tl = min(timed(lambda: [model.lora_linear(layer, h, lora[name]) for _ in range(n)], device) for _ in range(5)) / n
+    print(f"one adapted linear {list(h.shape)}: {tb:.3f} ms base, {tl:.3f} ms with LoRA; x {lo.n_layers} layers "
+          f"= {lo.n_layers * (tl - tb):.2f} ms = {100 * lo.n_layers * (tl - tb) / mb:+.2f}% of the base forward")
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
-"""Image-to-video sampling with a reference video: CogVideoX schedulers, the I2V pipeline, the CLI.
+"""Image-to-video with the effect of a reference video: CogVideoX schedulers, the I2V pipeline, the CLI.
 
-    python sample.py ref.mp4 img.png --prompt "..." --model DIR [--ckpt hypernet.safetensors] --out out.mp4
+    python sample.py ref.mp4 img.png --prompt "..." [--model DIR] [--ckpt hypernet.safetensors] [--out out.mp4]
+        [--ref more.mp4:0.5] [--offload] [--tile-vae] [--scheduler dpm --dynamic-cfg] ...   (python sample.py -h)
 
-Without a reference (or with --no-ref) the result equals diffusers' CogVideoXImageToVideoPipeline for the
-same seed and settings. Latents are in the DiT layout B F C H W; the VAE takes B C T H W.
+Without a reference the output equals diffusers' CogVideoXImageToVideoPipeline for the same seed and settings
+(tests/test_sample.py checks it, and the schedulers bit for bit). Latents: DiT layout B F C H W; the VAE's B C T H W.
 """
 import argparse
 import json
@@ -101,7 +102,8 @@ def dynamic_guidance(g, t, steps):
 class Pipeline:
     """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA (which stays
     on the device: it is small). offload: the frozen models live on the CPU and each goes to the device only
-    while its stage runs (T5 -> VAE -> DiT -> VAE). tile_vae: the VAE works in diffusers' overlapping tiles."""
+    while its stage runs (T5 -> VAE -> DiT -> VAE). tile_vae: decode in diffusers' overlapping tiles (encoding
+    one image, or a reference with only the VAE on the device under offload, needs far less memory)."""
 
     def __init__(self, dit, vae, t5, tok, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16, offload=False,
                  tile_vae=False):
@@ -126,7 +128,7 @@ class Pipeline:
 
     def _encode(self, x):
         """[B,3,F,H,W] in [0,1] -> posterior (mean, logvar) of the VAE, both [B,C,F',h,w]."""
-        return self.vae.encode((2.0 * x - 1.0).to(self.device, self.dtype), tile=self.tile_vae)  # logvar clamped
+        return self.vae.encode((2.0 * x - 1.0).to(self.device, self.dtype))  # logvar comes clamped
 
     def sizes(self, frames=None, height=None, width=None):
         """Defaults from the transformer config; ValueError for what the model cannot take."""
@@ -213,8 +215,7 @@ class Pipeline:
                 tt = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
                 v = self.dit(inp, text, tt, ofs=ofs, lora=lora).float()  # a B=1 LoRA serves both branches
                 if cfg:
-                    w = dynamic_guidance(guidance, t, steps) if dynamic_cfg else guidance
-                    vu, vc = v.chunk(2)
+                    (vu, vc), w = v.chunk(2), dynamic_guidance(guidance, t, steps) if dynamic_cfg else guidance
                     v = vu + w * (vc - vu)
                 if scheduler == "ddim":
                     x = ddim_step(A, v, x, t, t - T // steps)
@@ -264,8 +265,8 @@ def run(args):
     t0 = time.perf_counter()
     if len(args.paths) != 2 and not (args.no_ref and len(args.paths) == 1):
         raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
-    refs = [] if args.no_ref else [_ref_arg(s) for s in [args.paths[0]] + args.ref]
     mdir, img = Path(args.model), args.paths[-1]
+    refs = [] if args.no_ref else [_ref_arg(s) for s in args.paths[:1] + args.ref]
     ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
     # check everything cheap before loading the model, so a typo costs no time and writes nothing
     for path in [img] + [p for p, _ in refs] + ([ckpt] if refs and ckpt else []):
@@ -333,7 +334,7 @@ def main(argv=None):
     p.add_argument("--save-lora", help="the predicted LoRA in our native format")
     p.add_argument("--export-lora", help="the predicted LoRA as a diffusers load_lora_weights file")
     p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
-    p.add_argument("--tile-vae", action="store_true", help="VAE in tiles (less memory, slightly different)")
+    p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)

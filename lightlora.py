@@ -73,7 +73,10 @@ class LightLoRA(nn.Module):
     def fold(self, A_pred, B_pred, scale=None):
         """A_pred [B, L, r, a], B_pred [B, L, b, r] -> {name: (down [B, d_in, r], up [B, r, d_out])} in fp32.
         The small factors are folded into the aux ones first; dW itself is never formed."""
-        scale = self.scale if scale is None else scale
+        scale, L = self.scale if scale is None else scale, self.n_layers
+        if A_pred.shape[1:] != (L, self.r, self.a) or B_pred.shape[1:] != (L, self.b, self.r):
+            raise ValueError(f"fold wants A_pred [B, {L}, {self.r}, {self.a}] and B_pred [B, {L}, {self.b}, {self.r}]; "
+                             f"got {tuple(A_pred.shape)} and {tuple(B_pred.shape)}")
         out = {}
         for key, names in self.groups.items():
             idx, A_aux, B_aux = getattr(self, "idx_" + key), self.A_aux[key], self.B_aux[key]

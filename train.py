@@ -95,6 +95,13 @@ def on_signal(signum, frame):
     STOP.append(signum)
 
 
+def ignore_signals(worker_id):
+    """DataLoader workers: torchrun sends SIGTERM to each rank's whole process group; only the rank's main
+    process acts on it (finish the step, save), the workers live until it shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Positions(torch.utils.data.Dataset):
     """Global sample number n -> item. Epoch n // N shuffles the clips with a permutation seeded by (seed,
     epoch); a bad clip (None from VideoPairs, which lists it in bad_clips.txt) is replaced by the next one of
@@ -225,7 +232,8 @@ def main(args):
         fully_shard(dit, mp_policy=mp)
     net = v2l
     if WORLD > 1:  # one module: hypernet and aux factors are averaged together (the authors' aux were not)
-        net = torch.nn.parallel.DistributedDataParallel(v2l, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(v2l, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      broadcast_buffers=False)  # its buffers are constant indices
     opt = torch.optim.AdamW(v2l.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
     step, samples, skipped = 0, 0, 0
@@ -265,7 +273,8 @@ def main(args):
     pairs = data.VideoPairs(data.scan(args.data), frames, args.fps, height, width, args.seed, cache, run)
     loader = iter(torch.utils.data.DataLoader(
         Positions(pairs, args.seed), batch_size=args.batch_size,
-        sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers))
+        sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers,
+        worker_init_fn=ignore_signals))
     print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x batch "
            f"{args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
 
@@ -321,8 +330,8 @@ def main(args):
     # ---- loop -----------------------------------------------------------------------------------------------
     metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
-    bad_in_row = 0
-    while step < args.steps and not STOP:
+    bad_in_row, stop = 0, False
+    while step < args.steps and not stop:
         t0 = time.perf_counter()
         step += 1
         items = next(loader)
@@ -335,8 +344,8 @@ def main(args):
             loss = loss * float("nan")
         loss.backward()
         stats = torch.tensor([loss.item(), float(bool(STOP))], dtype=torch.float64, device=device)
-        if WORLD > 1:  # average loss over ranks and share a stop signal that reached only some of them
-            dist.all_reduce(stats)
+        if WORLD > 1:  # average the loss; a signal that reached some ranks, or arrived between two
+            dist.all_reduce(stats)  # ranks' reads of STOP, stops all of them at the same step
         loss_avg, stop = stats[0].item() / WORLD, stats[1].item() > 0
         gnorm = torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
         lr = lr_at(step, args)
@@ -369,9 +378,7 @@ def main(args):
             print0(f"stopping: {bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is "
                    f"{last[-1] if last else '(none yet)'} (lower --lr, check the data, or raise --max-bad-steps)")
             sys.exit(1)
-        if stop and not STOP:  # the signal reached another rank
-            STOP.append(signal.SIGTERM)
-        if step % args.save_every == 0 or step == args.steps or STOP:
+        if step % args.save_every == 0 or step == args.steps or stop:
             save()
         if args.eval_every and step % args.eval_every == 0:
             validate()

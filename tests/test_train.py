@@ -133,7 +133,8 @@ def test_no_cache_same_losses(straight, tiny_model_dir, clips, tmp_path):
 def test_ddp_equals_one_process(straight, tiny_model_dir, clips, cache, tmp_path):
     """2 processes x batch 1 == 1 process x batch 2: same samples, same per-sample noise, averaged grads."""
     out, _ = straight
-    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, nproc=2)
+    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, "--num-workers", 1,
+          nproc=2)
     assert losses(tmp_path) == pytest.approx(losses(out)[:3], rel=1e-5)
     close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 1e-4)
 

@@ -65,6 +65,7 @@ class VAEConfig:
             bad.append(f"block_out_channels {odd} not divisible by norm_num_groups={self.norm_num_groups}")
         if bad:
             raise ValueError("unsupported VAE config: " + "; ".join(bad))
+        self.temporal_compression_ratio = int(self.temporal_compression_ratio)
 
     # Keys of diffusers' config.json that the CogVideoX pipelines never read.
     _IGNORED = ("force_upcast", "shift_factor", "latents_mean", "latents_std")

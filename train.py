@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import data
@@ -39,7 +39,7 @@ import sample
 import vae as vae_lib
 
 p = argparse.ArgumentParser(description="train Video2LoRA on a frozen CogVideoX I2V model")
-p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)")
+p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ ...)")
 p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest")
 p.add_argument("--cache", help="folder built by `python data.py cache` with the same frames/fps/size")
 p.add_argument("--out", required=True, help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
@@ -133,7 +133,8 @@ def positions(start, bs):
 
 def checkpoints(run):
     """Complete checkpoints, oldest first (hypernet.save writes 'ckpt-N.safetensors.tmp', then renames)."""
-    found = [(int(m[1]), f) for f in run.glob("ckpt-*.safetensors") if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name))]
+    found = [(int(m[1]), f) for f in run.glob("ckpt-*.safetensors")
+             if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name))]
     return [f for _, f in sorted(found)]
 
 
@@ -175,7 +176,8 @@ def main(args):
     # the same, so train and sample see the same condition.
     img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
     frames = args.frames or cfg.sample_frames
-    height, width = args.height or cfg.sample_height * vae.spatial_compression, args.width or cfg.sample_width * vae.spatial_compression
+    height = args.height or cfg.sample_height * vae.spatial_compression
+    width = args.width or cfg.sample_width * vae.spatial_compression
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
     A = sample.alphas_cumprod(sched_cfg).float()
     cache = data.Cache(args.cache) if args.cache else None
@@ -196,16 +198,20 @@ def main(args):
         t5 = None  # T5-XXL is 9.5 GB in bf16; kept only for the validation videos' prompts
 
     # ---- trainable Video2LoRA (fp32 master weights) -------------------------------------------------------
-    ckpts = checkpoints(run) if args.resume else []
-    meta = None
+    found = checkpoints(run)
+    if found and not args.resume:
+        sys.exit(f"{run} already holds {found[-1].name}: pass --resume to continue it, or choose a new --out")
+    ckpts, meta = list(found), None
     while ckpts:  # the newest that opens; a damaged file (e.g. disk full) falls back to the one before
         try:
-            v2l, meta = hypernet.load(ckpts[-1], dit, device)
+            v2l, meta = hypernet.load(ckpts[-1], dit, device)  # a checkpoint of another model raises ValueError
             break
-        except Exception as e:
+        except SafetensorError as e:
             print0(f"warning: cannot read {ckpts.pop()} ({e}); trying an older checkpoint")
+    if found and meta is None:
+        sys.exit(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
     if args.resume and meta is None:
-        print0(f"--resume: no checkpoint in {run}, starting from scratch")
+        print0(f"--resume: no checkpoint in {run} yet, starting from scratch")
     if meta is None:
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         if args.hypernet not in hypernet.presets:
@@ -216,7 +222,8 @@ def main(args):
     v2l = v2l.float().train()
     names = [n for n, _ in v2l.named_parameters()]
     print0(f"Video2LoRA: {sum(p.numel() for p in v2l.parameters()) / 1e6:.2f} M trainable parameters, "
-           f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B in {dtype}")
+           f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B "
+           f"parameters in {dtype}")
 
     # ---- wrap: activation checkpointing, FSDP2 for the frozen DiT, DDP for the trainable part ----------------
     for blk in dit.transformer_blocks:
@@ -232,8 +239,8 @@ def main(args):
         fully_shard(dit, mp_policy=mp)
     net = v2l
     if WORLD > 1:  # one module: hypernet and aux factors are averaged together (the authors' aux were not)
-        net = torch.nn.parallel.DistributedDataParallel(v2l, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      broadcast_buffers=False)  # its buffers are constant indices
+        net = torch.nn.parallel.DistributedDataParallel(  # its buffers are constant indices: no broadcast
+            v2l, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     opt = torch.optim.AdamW(v2l.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
     step, samples, skipped = 0, 0, 0
@@ -252,7 +259,8 @@ def main(args):
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         changed = {k: (v, getattr(args, k)) for k, v in meta["args"].items()
                    if k not in ("steps", "resume", "out") and getattr(args, k, v) != v}
-        print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})" + (f"; changed arguments {changed}" if changed else ""))
+        print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})"
+               + (f"; changed arguments (checkpoint, now): {changed}" if changed else ""))
         if RANK == 0 and (run / "metrics.jsonl").is_file():  # drop lines logged after that checkpoint
             lines = (run / "metrics.jsonl").read_text().splitlines()
             (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))

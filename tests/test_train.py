@@ -1,5 +1,6 @@
 """train.py end to end on tiny models (CPU, fp32, gloo): DDP == one process, SIGTERM + exact resume, bad
-clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.  python -m pytest -q tests/test_train.py"""
+clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.
+    python -m pytest -q tests/test_train.py"""
 import json
 import os
 import signal

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import check_and_load, read_config, read_state_dict
+
 # diffusers' frame batching (num_sample_frames_batch_size / num_latent_frames_batch_size): 8 pixel frames
 # (2 latents) per chunk, the first chunk absorbing the remainder (9 frames / 3 latents for 8k+1 videos).
 ENCODE_CHUNK, DECODE_CHUNK = 8, 2
@@ -368,7 +370,8 @@ class VAE(nn.Module):
                              f"8k+1 is what the model was trained on); got {F_}")
         if H % s or W % s or H < s or W < s:
             raise ValueError(f"VAE.encode needs height and width that are positive multiples of {s}; got {H}x{W}")
-        x = x.to(next(self.parameters()).dtype)
+        p = next(self.parameters())
+        x = x.to(p.device, p.dtype)
         px, lat = self._tiles()
         if tile and (H > px[0] or W > px[1]):
             h = self._tiled(self.encoder, x, ENCODE_CHUNK, px, lat)
@@ -382,7 +385,8 @@ class VAE(nn.Module):
         self._check(z, "decode", self.config.latent_channels)
         if min(z.shape[2:]) < 1:
             raise ValueError(f"VAE.decode got an empty latent {list(z.shape)}")
-        z = z.to(next(self.parameters()).dtype)
+        p = next(self.parameters())
+        z = z.to(p.device, p.dtype)
         px, lat = self._tiles()
         if tile and (z.shape[3] > lat[0] or z.shape[4] > lat[1]):
             return self._tiled(self.decoder, z, DECODE_CHUNK, lat, px)
@@ -391,7 +395,6 @@ class VAE(nn.Module):
 
 def load_vae(path, dtype=torch.float32, device="cpu"):
     """The official `vae/` folder (config.json + safetensors, single or sharded) -> VAE in eval mode."""
-    from model import check_and_load, read_config, read_state_dict
     cfg = VAEConfig.from_dict(read_config(path), f"{path}/config.json")
     with torch.device("meta"):
         vae = VAE(cfg)

@@ -155,7 +155,6 @@ def main(args):
     if device.type == "cuda":
         device = torch.device("cuda", LOCAL)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if WORLD > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     elif args.fsdp:

@@ -71,7 +71,6 @@ def main():
     else:  # the 5b layout (RoPE, any size) with 6 heads and 2 blocks
         cfg_dict = dict(model.DIT_PRESETS["5b"], num_attention_heads=6, num_layers=2, in_channels=32)
         (Fr, H, W), hcfg = (3, 10, 16), "tiny"
-    torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model.DiTConfig(**cfg_dict)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, Fr, cfg.in_channels, H, W, generator=g).to(device, dtype)

@@ -76,11 +76,20 @@ def _texture(rng, x, y):
 
 
 def make_image(seed, height=64, width=64):
-    """Deterministic procedural picture [3,H,W] in [0,1]: a gradient background, 4-8 textured
-    shapes (circles, rotated rectangles, triangles) and 1-2 short block-letter words."""
+    """Deterministic procedural picture [3,H,W] in [0,1]: a gradient background, 5-9 textured
+    shapes (circles, rotated rectangles, triangles) and 1-2 short block-letter words. Draws that
+    came out nearly featureless (< 6% edge pixels; ~1 in 5) are redrawn, so motion is measurable."""
     if seed < 0:
         raise ValueError(f"image seed must be >= 0, got {seed}")
-    rng = np.random.default_rng([seed, 0x1A6E])
+    for attempt in range(20):
+        img = _draw(np.random.default_rng([seed, 0x1A6E, attempt]), height, width)
+        edges = ((img[:, :, 1:] - img[:, :, :-1]).abs().amax(0) > 0.1).float().mean()
+        if edges >= 0.06:
+            break
+    return img
+
+
+def _draw(rng, height, width):
     A = width / height
     y, x = np.meshgrid((np.arange(height) * 2 + 1) / height - 1,
                        ((np.arange(width) * 2 + 1) / width - 1) * A, indexing="ij")
@@ -88,8 +97,8 @@ def make_image(seed, height=64, width=64):
     g = np.hypot(x - rng.uniform(-1, 1), y - rng.uniform(-1, 1)) / 2 if rng.random() < 0.3 else \
         0.5 + 0.35 * (x * math.cos(a) + y * math.sin(a))
     img = c0 + (c1 - c0) * np.clip(g, 0, 1)[..., None]
-    for _ in range(rng.integers(4, 9)):
-        kind, cx, cy, r = rng.integers(3), rng.uniform(-A, A), rng.uniform(-1, 1), rng.uniform(0.2, 0.6)
+    for _ in range(rng.integers(5, 10)):
+        kind, cx, cy, r = rng.integers(3), rng.uniform(-A, A), rng.uniform(-1, 1), rng.uniform(0.15, 0.55)
         if kind == 0:
             m = np.hypot(x - cx, y - cy) < r
         elif kind == 1:
@@ -349,29 +358,41 @@ def _gray(a):
     return a.mean(-3) if a.dim() >= 3 else a
 
 
-def _phase_corr(a, b):
+def _phase_corr(a, b, blur=1.0):
     """Phase correlation surface(s) of b against a ([...,H,W]); peak at the shift of b's content."""
     H, W = a.shape[-2:]
     hann = lambda n: torch.hann_window(n, periodic=False, dtype=torch.float64)
     win = hann(H)[:, None] * hann(W)  # tapers the borders, where padding makes content up
     fa, fb = (torch.fft.fft2((z - z.mean((-2, -1), keepdim=True)) * win) for z in (a, b))
     r = fb * fa.conj()
-    return torch.fft.ifft2(r / r.abs().clamp(min=1e-12)).real
+    # whitened spectrum x a gaussian of 1 px: the peak becomes a sampled gaussian instead of a
+    # one-pixel spike, so a log-parabola through 3 samples finds it without pixel locking
+    k2 = torch.fft.fftfreq(H, dtype=torch.float64)[:, None] ** 2 + torch.fft.fftfreq(W, dtype=torch.float64) ** 2
+    return torch.fft.ifft2(r / r.abs().clamp(min=1e-12) * torch.exp(-2 * (math.pi * blur) ** 2 * k2)).real
 
 
-def _vertex(m0, m1, m2):
-    """Offset in [-1, 1] of the top of the parabola through three samples around a maximum."""
-    den = float(m0 - 2 * m1 + m2)
-    return 0.0 if abs(den) < 1e-12 else max(-1.0, min(1.0, 0.5 * float(m0 - m2) / den))
+def _vertex(m0, m1, m2, log=False):
+    """Offset in [-1, 1] of the top of the parabola through three samples around a maximum
+    (through their logs: exact for a gaussian peak)."""
+    m0, m1, m2 = float(m0), float(m1), float(m2)
+    if log and min(m0, m1, m2) > 0:
+        m0, m1, m2 = math.log(m0), math.log(m1), math.log(m2)
+    den = m0 - 2 * m1 + m2
+    return 0.0 if abs(den) < 1e-12 else max(-1.0, min(1.0, 0.5 * (m0 - m2) / den))
 
 
-def estimate_shift(a, b):
-    """(dy, dx) in pixels that frame b's content moved relative to frame a ([3,H,W] or [H,W])."""
+def estimate_shift(a, b, near=None, radius=3):
+    """(dy, dx) in pixels that frame b's content moved relative to frame a ([3,H,W] or [H,W]);
+    near=(dy, dx): only consider shifts within `radius` px of it."""
     c = _phase_corr(_gray(a), _gray(b))
     H, W = c.shape
+    if near is not None:  # wrapped distance of every shift on the surface to `near`
+        dist = lambda n, z: (torch.arange(n, dtype=torch.float64) - z + n / 2) % n - n / 2
+        far = (dist(H, near[0])[:, None].abs() > radius) | (dist(W, near[1]).abs() > radius)
+        c = c.masked_fill(far, -math.inf)
     py, px = divmod(int(c.argmax()), W)
-    dy = py + _vertex(c[py - 1, px], c[py, px], c[(py + 1) % H, px])
-    dx = px + _vertex(c[py, px - 1], c[py, px], c[py, (px + 1) % W])
+    dy = py + _vertex(c[py - 1, px], c[py, px], c[(py + 1) % H, px], log=True)
+    dx = px + _vertex(c[py, px - 1], c[py, px], c[py, (px + 1) % W], log=True)
     return (dy - H if dy > H / 2 else dy), (dx - W if dx > W / 2 else dx)  # wrap to signed shifts
 
 
@@ -386,9 +407,22 @@ def estimate_scale(a, b, lo=0.4, hi=2.5, steps=64):
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / zs
     grid = F.affine_grid(theta, [steps, 1, H, W], align_corners=False)
     az = F.grid_sample(a.expand(steps, 1, H, W), grid, padding_mode="reflection", align_corners=False)[:, 0]
-    score = _phase_corr(az.double(), b).flatten(1).amax(1)
+    score = _phase_corr(az.double(), b, blur=0.0).flatten(1).amax(1)  # sharpest peaks rank best
     k = int(score.argmax().clamp(1, steps - 2))
     return math.exp(math.log(zs[k]) + _vertex(*score[k - 1:k + 2]) * math.log(hi / lo) / (steps - 1))
+
+
+def track(clip):
+    """Motion of a clip [F,3,H,W] relative to frame 0: (shift [F,2] = (dy, dx) px, scale [F]).
+    Each frame is compared with frame 0 directly (chained small estimates drift) but searched only
+    near where the neighbouring-frame motion predicts it, so a large total motion over repetitive
+    texture cannot alias to a wrong peak."""
+    shift, scale = [torch.zeros(2)], [1.0]
+    for i in range(1, len(clip)):
+        step = torch.tensor(estimate_shift(clip[i - 1], clip[i]))
+        shift.append(torch.tensor(estimate_shift(clip[0], clip[i], near=(shift[-1] + step).tolist())))
+        scale.append(estimate_scale(clip[0], clip[i], scale[-1] / 1.3, scale[-1] * 1.3, 24))
+    return torch.stack(shift).float(), torch.tensor(scale)
 
 
 def _pair(a, b):

@@ -59,6 +59,17 @@ def test_bad_input_messages():
         E.apply_effect(img[None], "zoom_in", E.sample_params("zoom_in", 0))
 
 
+def test_track_large_pan():
+    # a 24 px pan (3/8 of the frame): the one jump from frame 0 to the last aliases to a wrong peak
+    # on these pictures; track() (frame 0 vs each frame, searched near the neighbour-frame motion) does not
+    p = dict(distance=0.38, angle=180.0, ease="ease_in")
+    for seed in (26, 180):
+        clip = E.apply_effect(E.make_image(seed), "pan_left", p, frames=9)
+        assert abs(E.estimate_shift(clip[0], clip[-1])[1] + 0.38 * 64) > 10
+        shift, scale = E.track(clip)
+        assert (shift[-1] - torch.tensor([0, -0.38 * 64])).abs().max() < 0.5, shift[-1]
+
+
 @pytest.mark.parametrize("category", ["pan_right", "pan_left", "pan_up", "pan_down"])
 def test_pan_shift(category):
     for seed in range(4):
@@ -69,6 +80,11 @@ def test_pan_shift(category):
         assert abs(dy - d * math.sin(a)) < 0.6 and abs(dx - d * math.cos(a)) < 0.6, (p, dy, dx)
         if category == "pan_right":
             assert dx > 5 and abs(dy) < dx
+        if seed > 0:
+            continue
+        shift, scale = E.track(clip[::2])
+        assert (shift[-1] - torch.tensor([d * math.sin(a), d * math.cos(a)])).abs().max() < 1.0, (p, shift[-1])
+        assert abs(scale[-1] - 1) < 0.05
     # the shift between neighbouring frames follows the easing curve
     p = dict(distance=0.25, angle=0.0, ease="linear")
     clip = E.apply_effect(E.make_image(3), "pan_right", p)
@@ -83,6 +99,8 @@ def test_zoom_scale():
             z = E.estimate_scale(clip[0], clip[-1])
             assert (z > 1.3) if cat == "zoom_in" else (z < 0.75), (cat, p, z)
             assert abs(math.log(z / p["scale"])) < 0.06, (cat, p, z)
+            if seed == 0:
+                assert abs(math.log(E.track(clip[::2])[1][-1] / p["scale"])) < 0.06
 
 
 def test_metrics():

@@ -14,6 +14,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import effects as E  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: a second thread only adds sync cost (and much more on a loaded machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_category_split():
     assert len(E.CATEGORIES) >= 16 and len(set(E.CATEGORIES)) == len(E.CATEGORIES)
     assert len(E.HELDOUT) >= 4 and set(E.HELDOUT) <= set(E.CATEGORIES)

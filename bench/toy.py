@@ -52,7 +52,7 @@ SCHED_CFG = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_s
              "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "sample_max_value": 1.0,
              "set_alpha_to_one": True, "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
              "trained_betas": None}
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread per process: the machine is shared, oversubscription thrashes
 
 
 def log(out, stage, msg):
@@ -295,11 +295,38 @@ def dit_batch(S, idx, A, sf, g, empty, p_drop=0.1):
     return torch.cat([x_t, img], 2), text, t, v
 
 
+def dit_worker(rank, args, dit, S, sf, A, t_end, steps):
+    """Hogwild (lock-free shared-memory SGD, as PyTorch's mnist_hogwild): --nproc processes step the same
+    shared weights, each with its own AdamW, because on a shared machine every process gets its own CPU share
+    (gloo DDP cannot connect here: local TCP is blocked)."""
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    g, t0, step, ema = torch.Generator().manual_seed(rank), time.time(), 0, None
+    while time.time() < t_end:
+        frac = (time.time() - t0) / (t_end - t0)
+        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
+            grp["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * frac))
+        idx = torch.randint(len(S["mean"]), (args.batch,), generator=g)
+        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+        loss = F.mse_loss(dit(x, text, t), v)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        step += 1
+        steps[rank] = step
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 10 == 0 and rank == 0:
+            log(out, "dit", f"step {step} (all workers {int(steps.sum())}) | loss {ema:.4f} | {time.time() - t0:.0f} s")
+
+
 def stage_dit(args):
+    import torch.multiprocessing as mp
     out, mdir = Path(args.out), Path(args.out) / "model"
     write_index(mdir)
     vae = vae_lib.load_vae(mdir / "vae")
-    S = latent_set(args, out / "data/train", vae)
+    S = latent_set(args, out / "data/train", vae)  # builds the data.py cache on first use
     sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
     torch.manual_seed(0)
     cfg = model.DiTConfig(**DIT_CFG)
@@ -309,28 +336,20 @@ def stage_dit(args):
             if n.endswith("norm1.linear") or n.endswith("norm2.linear") or n in ("norm_out.linear", "proj_out"):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
-    dit.train()
-    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
-    g, t0, step, ema = torch.Generator().manual_seed(0), time.time(), 0, None
-    while time.time() - t0 < args.minutes * 60:
-        frac = (time.time() - t0) / (args.minutes * 60)
-        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
-            grp["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * frac))
-        idx = torch.randint(len(S["mean"]), (args.batch,), generator=g)
-        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
-        loss = F.mse_loss(dit(x, text, t), v)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            log(out, "dit", f"step {step} | loss {ema:.4f} | {time.time() - t0:.0f} s")
+    dit.train().share_memory()
+    steps = torch.zeros(args.nproc, dtype=torch.long).share_memory_()
+    t0 = time.time()
+    t_end = t0 + args.minutes * 60
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=dit_worker, args=(r, args, dit, S, sf, A, t_end, steps)) for r in range(args.nproc)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join()
     cfg_d = dict(_class_name="CogVideoXTransformer3DModel", _diffusers_version="0.42.1", **vars(cfg))
     save_folder(mdir / "transformer", dit, cfg_d)
-    log(out, "dit", f"{step} steps x batch {args.batch} in {time.time() - t0:.0f} s, final loss (EMA) {ema:.4f}; "
-                    f"{sum(p.numel() for p in dit.parameters()) / 1e6:.2f} M params")
+    log(out, "dit", f"{int(steps.sum())} steps x batch {args.batch} over {args.nproc} hogwild workers in "
+                    f"{time.time() - t0:.0f} s; {sum(p.numel() for p in dit.parameters()) / 1e6:.2f} M params")
 
 
 # ---------------------------------------------------------------------------------------------------- hyper
@@ -340,76 +359,95 @@ RUNS = [("main", []), ("k1", ["--k", "1"]), ("k2", ["--k", "2"]), ("ab16x8", ["-
 
 
 def stage_hyper(args):
-    out = Path(args.out)
+    """Each run is train.py itself (one process, one thread); the runs go concurrently."""
+    import os
+    out, procs = Path(args.out), []
     for name, extra in RUNS:
         if args.runs and name not in args.runs.split(","):
             continue
         steps = args.steps if name == "main" else args.ablation_steps
-        cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(out / "model"), "--data", str(out / "data/train"),
-               "--cache", str(out / "cache_train"), "--out", str(out / "hyper" / name), "--steps", str(steps),
-               "--batch-size", str(args.batch), "--lr", str(args.lr), "--warmup", "20", "--hypernet", "tiny",
-               "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20", "--log-every", "25",
-               "--num-workers", "0"] + extra
-        t0 = time.time()
+        cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(out / "model"), "--data",
+               str(out / "data/train"), "--cache", str(out / "cache_train"), "--out", str(out / "hyper" / name),
+               "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr), "--warmup", "20",
+               "--hypernet", "tiny", "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20",
+               "--log-every", "10", "--num-workers", "0"] + extra
         log(out, "hyper", " ".join(cmd[1:]))
-        subprocess.run(cmd, check=True)
+        (out / "hyper" / name).mkdir(parents=True, exist_ok=True)
+        procs.append((name, time.time(), subprocess.Popen(cmd, stdout=open(out / "hyper" / f"{name}.log", "w"),
+                                                          stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))))
+    for name, t0, pr in procs:
+        if pr.wait():
+            raise SystemExit(f"train.py run {name} failed: see {out / 'hyper' / (name + '.log')}")
         m = [json.loads(l) for l in (out / "hyper" / name / "metrics.jsonl").read_text().splitlines()]
-        tail = sum(r["loss"] for r in m[-50:]) / len(m[-50:])
-        log(out, "hyper", f"{name}: {len(m)} steps in {time.time() - t0:.0f} s, loss (last 50) {tail:.4f}")
+        tail = sum(r["loss"] for r in m[-20:]) / len(m[-20:])
+        log(out, "hyper", f"{name}: {len(m)} steps in {time.time() - t0:.0f} s, loss (last 20) {tail:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------------- oracle
 ORACLE_CATS = ["zoom_in", "pan_right", "rotate", "fade_black", "dolly_zoom", "spin_out", "swirl", "pan_up"]
 
 
+def oracle_one(args, cat, dit, S, sf, A, names):
+    import lightlora
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    rows = torch.tensor([j for j, c in enumerate(S["cats"]) if c == cat])
+    torch.manual_seed(0)
+    r = args.rank
+    lora = {n: (nn.Parameter(torch.randn(1, i, r) / i ** 0.5), nn.Parameter(torch.zeros(1, r, o))) for n, o, i in names}
+    opt = torch.optim.AdamW([p for ab in lora.values() for p in ab], lr=args.lr, weight_decay=0.0)
+    g, t0, ema = torch.Generator().manual_seed(0), time.time(), None
+    for step in range(args.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = args.lr * min(1.0, (step + 1) / 20)
+        idx = rows[torch.randint(len(rows), (args.batch,), generator=g)]
+        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+        loss = F.mse_loss(dit(x, text, t, lora=lora), v)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+    lightlora.save_native(out / "oracle" / f"{cat}.safetensors", {n: (d.detach(), u.detach()) for n, (d, u) in lora.items()})
+    log(out, "oracle", f"{cat}: {args.steps} steps x batch {args.batch}, rank {r}, loss (EMA) {ema:.4f}, "
+                       f"{time.time() - t0:.0f} s")
+
+
 def stage_oracle(args):
     """A classic LoRA per category: trainable rank-r (down, up) factors on the same layers Video2LoRA adapts
-    (attention q/k/v/out), fed through DiT.forward(lora=...), trained on that category's clips alone."""
+    (attention q/k/v/out), fed through DiT.forward(lora=...), trained on that category's clips alone. One
+    process per category (each gets its own CPU share on a shared machine)."""
     import lightlora
+    import torch.multiprocessing as mp
     out, mdir = Path(args.out), Path(args.out) / "model"
     vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
     sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
     sets = {"train": latent_set(args, out / "data/train", vae),
             "train_heldout": latent_set(args, out / "data/train_heldout", vae)}
-    names = [(n, o, i) for n, o, i in lightlora.adapted_linears(dit, "attn")]
+    names = lightlora.adapted_linears(dit, "attn")
+    (out / "oracle").mkdir(parents=True, exist_ok=True)
     cats = args.runs.split(",") if args.runs else ORACLE_CATS
-    for cat in cats:
-        S = sets["train_heldout" if cat in effects.HELDOUT else "train"]
-        rows = torch.tensor([j for j, c in enumerate(S["cats"]) if c == cat])
-        torch.manual_seed(0)
-        r = args.rank
-        lora = {n: (nn.Parameter(torch.randn(1, i, r) / i ** 0.5), nn.Parameter(torch.zeros(1, r, o))) for n, o, i in names}
-        params = [p for ab in lora.values() for p in ab]
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        g, t0 = torch.Generator().manual_seed(0), time.time()
-        for step in range(args.steps):
-            for grp in opt.param_groups:
-                grp["lr"] = args.lr * min(1.0, (step + 1) / 20)
-            idx = rows[torch.randint(len(rows), (args.batch,), generator=g)]
-            x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
-            loss = F.mse_loss(dit(x, text, t, lora=lora), v)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        (out / "oracle").mkdir(parents=True, exist_ok=True)
-        lightlora.save_native(out / "oracle" / f"{cat}.safetensors", {n: (d.detach(), u.detach()) for n, (d, u) in lora.items()})
-        log(out, "oracle", f"{cat}: {args.steps} steps x batch {args.batch}, rank {r}, last loss {loss.item():.4f}, "
-                           f"{time.time() - t0:.0f} s")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=oracle_one, args=(args, c, dit, sets["train_heldout" if c in effects.HELDOUT else "train"],
+                                                  sf, A, names)) for c in cats]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join()
 
 
 # ---------------------------------------------------------------------------------------------------- eval
 class Classifier(nn.Module):
-    """Effect classifier: a tiny 3-D conv net on (frames, frames - frame 0) at 32x32; clip [B,F,3,H,W] in [0,1]."""
+    """Effect classifier: a tiny 3-D conv net on (frames, frames - frame 0) at 16x16; clip [B,F,3,H,W] in [0,1]."""
 
     def __init__(self, n=len(effects.CATEGORIES)):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv3d(6, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 32, 3, (1, 2, 2), 1), nn.ReLU(),
-                                 nn.Conv3d(32, 48, 3, 2, 1), nn.ReLU(), nn.Conv3d(48, 64, 3, 2, 1), nn.ReLU())
+        self.net = nn.Sequential(nn.Conv3d(6, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 32, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv3d(32, 64, 3, 2, 1), nn.ReLU())
         self.head = nn.Linear(64, n)
 
     def forward(self, clip):
         B, Fr = clip.shape[:2]
-        x = F.interpolate(clip.flatten(0, 1), size=(32, 32), mode="area").view(B, Fr, 3, 32, 32)
+        x = F.interpolate(clip.flatten(0, 1), size=(16, 16), mode="area").view(B, Fr, 3, 16, 16)
         x = torch.cat([x, x - x[:, :1]], 2).transpose(1, 2)  # [B,F,6,h,w] -> [B,6,F,h,w]
         return self.head(self.net(x).mean((2, 3, 4)))
 
@@ -426,6 +464,11 @@ def soften(clip, g):
 
 def train_classifier(args):
     out = Path(args.out)
+    if (out / "classifier.safetensors").is_file():
+        clf = Classifier()
+        clf.load_state_dict(load_file(str(out / "classifier.safetensors")))
+        return clf.eval()
+    t0 = time.time()
     xs, cats = zip(*[load_clips(out / "data" / s) for s in ("train", "train_heldout")])
     x, y = (torch.cat(xs) + 1) / 2, torch.tensor([effects.CATEGORIES.index(c) for c in cats[0] + cats[1]])
     torch.manual_seed(0)
@@ -438,8 +481,21 @@ def train_classifier(args):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (step + 1) % 50 == 0:
+            log(out, "clf", f"step {step + 1} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")
     save_file(clf.state_dict(), str(out / "classifier.safetensors"))
     return clf.eval()
+
+
+def stage_clf(args):
+    """The effect classifier alone (eval trains it when missing): real synthetic clips of all 21 categories."""
+    clf = train_classifier(args)
+    with torch.no_grad():
+        pairs = eval_pairs(args.out, args.pairs)
+        hits = [int(clf(effects.apply_effect(effects.make_image(t["image_seed"], SIZE, SIZE), c, r["params"],
+                                             FRAMES)[None]).argmax()) == effects.CATEGORIES.index(c)
+                for c, _, r, t in pairs]
+    log(args.out, "clf", f"accuracy on the {len(hits)} ground-truth eval clips: {100 * sum(hits) / len(hits):.0f}%")
 
 
 def eval_pairs(out, n):
@@ -457,7 +513,7 @@ def conditions(args):
     """name -> ("base", None) | ("v2l", ckpt) | ("oracle", folder): what eval generates with."""
     out, hyp = Path(args.out), Path(args.out) / "hyper"
     last = lambda run: sorted((hyp / run).glob("ckpt-*.safetensors"))
-    c = {"base": ("base", None)}
+    c = {"ground truth through the VAE": ("gtvae", None), "base": ("base", None)}
     if last("main"):
         c["video2lora"] = ("v2l", last("main")[-1])
         at = hyp / "main" / f"ckpt-{args.ablation_steps:06d}.safetensors"
@@ -471,6 +527,10 @@ def conditions(args):
     return c
 
 
+def key(name):
+    return name.split(" ")[0] if not name.startswith("ground") else "gt_vae"
+
+
 @torch.no_grad()
 def generate(args, which):
     """Generate every eval pair under the named conditions -> out/gen/<condition>/<category>-<i>.safetensors."""
@@ -482,7 +542,7 @@ def generate(args, which):
     for name in which:
         kind, src = conds[name]
         pipe.v2l = hypernet.load(src, pipe.dit)[0].eval() if kind == "v2l" else None
-        d = out / "gen" / name.split(" ")[0]
+        d = out / "gen" / key(name)
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
@@ -493,6 +553,11 @@ def generate(args, which):
             lora = None
             if kind == "v2l":
                 lora = pipe.reference_lora((data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
+            elif kind == "gtvae":  # the reconstruction ceiling: the ground truth encoded and decoded
+                gt = effects.apply_effect(image, cat, rmeta["params"], FRAMES)
+                v = (pipe.vae.decode(pipe.vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1) / 2 + 0.5)
+                save_file({"video": v.clamp(0, 1).contiguous()}, str(f))
+                continue
             elif kind == "oracle":
                 if not (src / f"{cat}.safetensors").is_file():
                     continue
@@ -504,7 +569,8 @@ def generate(args, which):
 
 def stage_gen(args):
     """eval's generation part alone, for some conditions (so several processes can share the work)."""
-    generate(args, args.runs.split(",") if args.runs else list(conditions(args)))
+    conds = list(conditions(args))
+    generate(args, [n for n in conds if key(n) in args.runs.split(",")] if args.runs else conds)
 
 
 @torch.no_grad()
@@ -513,19 +579,16 @@ def stage_eval(args):
     conds = conditions(args)
     generate(args, list(conds))  # whatever `gen` has not made yet
     clf = train_classifier(args)
-    vae = vae_lib.load_vae(out / "model/vae")
     pairs = eval_pairs(out, args.pairs)
     rows = {}
-    for name in ["ground truth (real clip)", "ground truth through the VAE"] + list(conds):
+    for name in ["ground truth (real clip)"] + list(conds):
         res = {"seen": [], "heldout": []}
         for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
             gt = effects.apply_effect(effects.make_image(tmeta["image_seed"], SIZE, SIZE), cat, rmeta["params"], FRAMES)
             if name.startswith("ground truth (real"):
                 v = gt
-            elif name.startswith("ground truth through"):
-                v = (vae.decode(vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1) / 2 + 0.5).clamp(0, 1)
             else:
-                f = out / "gen" / name.split(" ")[0] / f"{cat}-{j}.safetensors"
+                f = out / "gen" / key(name) / f"{cat}-{j}.safetensors"
                 if not f.is_file():
                     continue
                 v = load_file(str(f))["video"]
@@ -603,7 +666,7 @@ def stage_export(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="toy-scale end-to-end Video2LoRA run")
-    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "gen", "eval", "export"])
+    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export"])
     p.add_argument("--out", default=str(ROOT / "toy"))
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of a training stage")
     p.add_argument("--batch", type=int, default=4)
@@ -612,9 +675,10 @@ def main(argv=None):
     p.add_argument("--ablation-steps", type=int, default=200)
     p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle: categories")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
+    p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--pairs", type=int, default=2, help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
-    p.add_argument("--clf-steps", type=int, default=300)
+    p.add_argument("--clf-steps", type=int, default=400)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -354,7 +354,13 @@ class VAE(nn.Module):
                 row.append(t)
             rows.append(torch.cat([t[:, :, :, :limit[0], :limit[1]] for t in row], dim=4))
             above = row
-        return torch.cat(rows, dim=3)
+        out = torch.cat(rows, dim=3)
+        want = [n * o // i for n, o, i in zip(x.shape[3:], tile_out, tile_in)]
+        if list(out.shape[3:]) != want:  # diffusers returns such a wrong-size result silently
+            raise ValueError(f"VAE tiling: the tiles of this config (sample {self.config.sample_height}x"
+                             f"{self.config.sample_width}) do not add up at this size ({list(out.shape[3:])} instead "
+                             f"of {want}); run without tiling")
+        return out
 
     def _check(self, x, what, channels):
         if x.ndim != 5 or x.shape[1] != channels:

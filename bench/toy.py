@@ -2,13 +2,17 @@
 saved in the official CogVideoX folder layout, then the reproduction table. One command per stage:
 
     python bench/toy.py data     # synthetic clips: SEEN train set, HELDOUT train set (oracle/classifier only), test set
-    python bench/toy.py vae      # tiny 3-D causal VAE (vae.VAE), L1 + MSE + small KL
+    python bench/toy.py vae      # tiny 3-D causal VAE (vae.VAE): pooling-autoencoder init [+ --minutes of L1/MSE/KL]
     python bench/toy.py text     # sentencepiece tokenizer on the captions + random-init tiny T5 encoder
     python bench/toy.py dit      # tiny I2V DiT pretrained as a base model (v-prediction, first-frame condition)
     python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))
     python bench/toy.py oracle   # a classic rank-r LoRA per category, trained on that category alone
-    python bench/toy.py eval     # effect classifier + the table -> bench/RESULTS.md
+    python bench/toy.py clf      # the effect classifier (3-D conv net on real clips)
+    python bench/toy.py gen --runs base   # eval's generation for some conditions (run several at once)
+    python bench/toy.py eval     # generates what is missing, scores it -> <out>/table.md (bench/RESULTS.md)
     python bench/toy.py export   # the shipped default: assets/ (model folder, hypernet, ref.mp4, img.png, strip.png)
+
+The exact commands and flags of the reported run, with times and results, are in bench/RESULTS.md.
 
 All outputs go to --out (default toy/, git-ignored); `export` copies the final model to assets/.
 Layouts: clips [F,3,H,W] in [0,1] (effects), DiT latents B F C H W, VAE B C T H W.

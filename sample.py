@@ -285,8 +285,8 @@ def run(args):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device == "cpu" else "bf16")]
 
     pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
-    if device == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: ops too small
-        torch.set_num_threads(1)  # to gain from threads, and OpenMP barriers on a shared CPU cost up to 50x
+    if device == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
+        torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
     frames, height, width = pipe.sizes(args.frames, args.height, args.width)
     image, videos = (data.read_image(img, height, width) + 1) / 2, []
     for path, w in refs:

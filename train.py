@@ -146,8 +146,8 @@ def lr_at(step, args):
 
 
 def posterior(mean, logvar, eps):
-    """DiagonalGaussian sample, logvar clamped to [-30, 20] as in diffusers."""
-    return mean.float() + (0.5 * logvar.float().clamp(-30, 20)).exp() * eps
+    """DiagonalGaussian sample; VAE.encode already clamped logvar to [-30, 20] as diffusers does."""
+    return mean.float() + (0.5 * logvar.float()).exp() * eps
 
 
 def main(args):
@@ -169,7 +169,7 @@ def main(args):
 
     # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
-    vae = vae_lib.load_vae(mdir / "vae", dtype, device).eval().requires_grad_(False)
+    vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
     cfg, sf = dit.config, vae.config.scaling_factor
     # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
     # the same, so train and sample see the same condition.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lightlora import LightLoRA, save_atomic
+from model import sincos_1d
 
 
 @dataclass
@@ -45,18 +46,12 @@ def patchify(x, p):
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr * (H // p) * (W // p), C * p * p)
 
 
-def sincos(pos, dim):
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim // 2))
-    angle = pos.double()[:, None] * omega
-    return torch.cat([angle.sin(), angle.cos()], 1)
-
-
 def sincos_3d(f, h, w, dim, device=None):
     """Fixed table [f*h*w, dim], rows (f, h, w), columns time | height | width = dim/4 | 3dim/8 | 3dim/8. Built for
     the actual grid, so any reference length and size works; a padded frame gets the same rows as unpadded."""
     dt, dh = dim // 4, dim * 3 // 8
     t, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (f, h, w)), indexing="ij")
-    return torch.cat([sincos(t.flatten(), dt), sincos(y.flatten(), dh), sincos(x.flatten(), dim - dt - dh)], 1)
+    return torch.cat([sincos_1d(n, p.flatten()) for n, p in ((dt, t), (dh, y), (dim - dt - dh, x))], 1)
 
 
 class Attention(nn.Module):

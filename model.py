@@ -212,7 +212,7 @@ def timestep_sinusoid(t, dim):
     return torch.cat([a.cos(), a.sin()], dim=-1)
 
 
-def _sincos_1d(d, pos):
+def sincos_1d(d, pos):
     omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=pos.device) / (d / 2))
     a = pos.double()[:, None] * omega[None]
     return torch.cat([a.sin(), a.cos()], dim=-1)
@@ -225,7 +225,7 @@ def sincos_3d(dim, f, h, w, s_spatial, s_temporal, device=None):
     pt = torch.arange(f, dtype=torch.float32, device=device) / s_temporal
     ph = torch.arange(h, dtype=torch.float32, device=device) / s_spatial
     pw = torch.arange(w, dtype=torch.float32, device=device) / s_spatial
-    et, eh, ew = _sincos_1d(dim // 4, pt), _sincos_1d(ds // 2, ph), _sincos_1d(ds // 2, pw)
+    et, eh, ew = sincos_1d(dim // 4, pt), sincos_1d(ds // 2, ph), sincos_1d(ds // 2, pw)
     return torch.cat([et[:, None, None].expand(f, h, w, -1), ew[None, None].expand(f, h, w, -1),
                       eh[None, :, None].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, dim)
 

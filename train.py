@@ -178,7 +178,7 @@ def main(args):
     height = args.height or cfg.sample_height * vae.spatial_compression
     width = args.width or cfg.sample_width * vae.spatial_compression
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
-    A = sample.alphas_cumprod(sched_cfg).float()
+    A = sample.alphas_cumprod(sched_cfg).float().to(device)
     cache = data.Cache(args.cache) if args.cache else None
     t5 = tok = None
     if cache is None or not cache.has_text("") or args.eval_every:
@@ -311,7 +311,7 @@ def main(args):
             x0 = torch.cat([x0[:, :1], x0], 1)
         img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
         eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
-        a = A.to(device)[t].view(-1, 1, 1, 1, 1)
+        a = A[t].view(-1, 1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         v = a.sqrt() * eps - (1 - a).sqrt() * x0
         text = torch.stack([empty if d else (it["text"] if "text" in it else embed(it["caption"]))

@@ -9,3 +9,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python bench/backbone.py --full              # DiT forward (CFG batch 2) and VAE decode vs diffusers
 python bench/lora.py --full                  # LoRA path overhead, hypernet latency, no recompiles
 python bench/train_bench.py --full           # training step time / peak memory vs diffusers + peft
+python bench/sample_bench.py --full --steps 10   # sampling: time, peak memory, with/without --offload --tile-vae vs diffusers

@@ -132,7 +132,7 @@ def positions(start, bs):
 
 
 def checkpoints(run):
-    """Complete checkpoints, oldest first (hypernet.save writes 'ckpt-N.safetensors.tmp', then renames)."""
+    """Complete checkpoints, oldest first (hypernet.save writes 'ckpt-N.safetensors.tmp<pid>', then renames)."""
     found = [(int(m[1]), f) for f in run.glob("ckpt-*.safetensors")
              if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name))]
     return [f for _, f in sorted(found)]

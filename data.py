@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
+
+from lightlora import save_atomic
 
 log = logging.getLogger("data")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
@@ -290,10 +292,7 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
     settings = dict(frames=frames, fps=fps, height=height, width=width, model=str(model_dir.resolve()))
     file = lambda kind, s: out / kind / f"{_key(s)}.safetensors"
 
-    def save(f, tensors, **meta):
-        f.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, f"{f}.tmp{os.getpid()}", {k: json.dumps(v) for k, v in meta.items()})
-        os.replace(f"{f}.tmp{os.getpid()}", f)
+    save = lambda f, tensors, **meta: save_atomic(tensors, f, {k: json.dumps(v) for k, v in meta.items()})
 
     def done(c):  # encoded (or found bad) from this very file with these settings
         m = _meta(file("clips", c.path))

@@ -112,6 +112,16 @@ def test_zoom_scale():
                 assert abs(math.log(E.track(clip[::2])[1][-1] / p["scale"])) < 0.06
 
 
+@pytest.mark.parametrize("cat", ["fade_black", "fade_white", "pan_right", "pan_up", "zoom_in", "zoom_out"])
+def test_effect_amount(cat):
+    params = E.sample_params(cat, 3)
+    clip = E.apply_effect(E.make_image(7, 64, 64), cat, params, 9)
+    assert E.effect_amount(clip, cat, params) > (5.0 if cat.startswith("pan_") else 0.15)  # px; fraction; log scale
+    assert abs(E.effect_amount(clip[:1].expand_as(clip), cat, params)) < 1e-3  # a still clip shows none of it
+    with pytest.raises(NotImplementedError, match="rotate"):
+        E.effect_amount(clip, "rotate", params)
+
+
 def test_metrics():
     a = E.apply_effect(E.make_image(5), "rotate", E.sample_params("rotate", 0), frames=5)
     g = torch.Generator().manual_seed(0)

@@ -1,12 +1,15 @@
 """Video2LoRA hypernetwork (paper §3.3): reference-video latents -> each adapted layer's LightLoRA factors.
 
 Reference latents come in the DiT layout B F C H W (VAE mean or sample x scaling_factor; the frozen VAE encode
-is the caller's, so it can be cached). They are patchified 2x2 like the DiT, given a fixed 3-D sin-cos position
-and become video tokens (computed once). One learned weight token per adapted layer queries them through a small
-pre-LN transformer (self-attention over weight tokens, cross-attention to video tokens, MLP), run `iters` times
-with shared weights; each pass adds a residual update to the weight-token state (paper eq. 4, state_0 = 0).
-A head maps each token to A_pred [r, a] and B_pred [b, r].  Video2LoRA = hypernet + LightLoRA aux factors, the
-whole trainable part, with its save/load.  Tests: tests/test_lora.py
+is the caller's, so it can be cached). They are patchified like the DiT, projected, given a fixed 3-D sin-cos
+position and become video tokens (computed once). As in the paper's Fig. 2, one learned weight token per adapted
+layer is concatenated with the video tokens and the joint sequence runs through a small pre-LN transformer
+(self-attention over all tokens, MLP), `iters` times with shared weights; each pass adds a residual update to the
+weight-token state (paper eq. 4, state_0 = 0). Joint attention matters: video tokens attend to each other, so
+the trunk can match content across frames and read where it moved (a camera pan), which weight tokens pooling
+the video tokens one by one cannot. A head maps each weight token to A_pred [r, a] and B_pred [b, r].
+Video2LoRA = hypernet + LightLoRA aux factors, the whole trainable part, with its save/load.
+Tests: tests/test_lora.py
 """
 import json
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +39,9 @@ class HyperNetConfig:
             raise ValueError(f"hypernet width {self.width} must be a multiple of 16 and of heads={self.heads}")
 
 
-presets = {"default": HyperNetConfig(), "tiny": HyperNetConfig(in_channels=4, width=32, depth=2, heads=2, iters=2)}
+# "toy": the bench/toy.py model (64x64 frames, 8x8 latents): patch 1, so a pan of a latent pixel is a token
+presets = {"default": HyperNetConfig(), "tiny": HyperNetConfig(in_channels=4, width=32, depth=2, heads=2, iters=2),
+           "toy": HyperNetConfig(patch_size=1, width=64, depth=4, heads=4)}
 
 
 def patchify(x, p):
@@ -58,31 +63,25 @@ class Attention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_kv, self.to_out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.to_qkv, self.to_out = nn.Linear(d, 3 * d), nn.Linear(d, d)
 
-    def kv(self, y):
-        B, M, d = y.shape
-        return self.to_kv(y).view(B, M, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-
-    def forward(self, x, kv, mask=None):
+    def forward(self, x, mask=None):
         B, N, d = x.shape
-        q = self.to_q(x).view(B, N, self.heads, d // self.heads).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)
+        q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(o.transpose(1, 2).reshape(B, N, d))
 
 
 class Block(nn.Module):
     def __init__(self, d, heads, mlp_ratio):
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn, self.cross = Attention(d, heads), Attention(d, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * d, d))
 
-    def forward(self, x, video_kv, mask):
-        h = self.norm1(x)
-        x = x + self.attn(h, self.attn.kv(h))
-        x = x + self.cross(self.norm2(x), video_kv, mask)
-        return x + self.mlp(self.norm3(x))
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class HyperNet(nn.Module):
@@ -128,18 +127,19 @@ class HyperNet(nn.Module):
         pos = sincos_3d(Fr, h, w, cfg.width, x.device).to(x.dtype)
         video = self.video_norm(self.patch_embed(patchify(x, p)) + pos)  # [B, F*h*w, d]
         mask = None
-        if frames is not None:
+        if frames is not None:  # padded reference frames are masked as keys; weight tokens always attend
             frames = torch.as_tensor(frames, device=x.device).view(B, 1)
             if (frames < 1).any() or (frames > Fr).any():
                 raise ValueError(f"frames must lie in [1, {Fr}], got {frames.flatten().tolist()}")
-            mask = (torch.arange(Fr, device=x.device).repeat_interleave(h * w) < frames)[:, None, None, :]
-        video_kv = [blk.cross.kv(video) for blk in self.blocks]  # the video side is the same on every pass
+            keep = torch.arange(Fr, device=x.device).repeat_interleave(h * w) < frames  # [B, F*h*w]
+            mask = torch.cat([keep, keep.new_ones(B, self.weight_tokens.shape[0])], 1)[:, None, None, :]
+        n = video.shape[1]
         state = x.new_zeros(B, *self.weight_tokens.shape)
         for _ in range(cfg.iters if iters is None else iters):
-            t = state + self.weight_tokens
-            for blk, kv in zip(self.blocks, video_kv):
-                t = blk(t, kv, mask)
-            state = state + self.update(self.update_norm(t))
+            t = torch.cat([video, state + self.weight_tokens], 1)  # [B, F*h*w + L, d]
+            for blk in self.blocks:
+                t = blk(t, mask)
+            state = state + self.update(self.update_norm(t[:, n:]))
         out = self.head_norm(state)
         L = state.shape[1]
         return self.head_A(out).view(B, L, self.r, self.a), self.head_B(out).view(B, L, self.b, self.r)

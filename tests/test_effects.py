@@ -68,15 +68,40 @@ def test_bad_input_messages():
         E.apply_effect(img[None], "zoom_in", E.sample_params("zoom_in", 0))
 
 
-def test_track_large_pan():
-    # a 24 px pan (3/8 of the frame): the one jump from frame 0 to the last aliases to a wrong peak
-    # on these pictures; track() (frame 0 vs each frame, searched near the neighbour-frame motion) does not
+def test_large_pan():
+    # a 24 px pan (3/8 of the frame), the last frame against the first: the overlap-restricted correlation
+    # reads it directly (phase correlation over whole frames aliased to a wrong peak on these pictures)
     p = dict(distance=0.38, angle=180.0, ease="ease_in")
     for seed in (26, 180):
         clip = E.apply_effect(E.make_image(seed), "pan_left", p, frames=9)
-        assert abs(E.estimate_shift(clip[0], clip[-1])[1] + 0.38 * 64) > 10
+        dy, dx = E.estimate_shift(clip[0], clip[-1])
+        assert abs(dx + 0.38 * 64) < 0.5 and abs(dy) < 0.5, (dy, dx)
         shift, scale = E.track(clip)
         assert (shift[-1] - torch.tensor([0, -0.38 * 64])).abs().max() < 0.5, shift[-1]
+        assert (shift[1:, 1] < shift[:-1, 1] + 0.1).all() and (scale - 1).abs().max() < 0.05
+
+
+def test_motion_through_the_toy_vae():
+    """The measures must hold on soft frames: the toy VAE's (assets/vae) reconstruction of every test-split
+    pan and zoom reads the right sign and most of the true motion. The floor is 75 %, not 100 %: the VAE
+    itself lags on strong ease-in motion (its last decoded frame sits 2-4 px behind the real last frame,
+    measured frame against frame at the same time), which no two-frame measure can undo."""
+    sys.path.insert(0, str(ROOT))
+    import vae as V
+    vae = V.load_vae(ROOT / "assets/vae")
+    ratios = []
+    for cat in ("pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out"):
+        for i in range(3):
+            image_seed, effect_seed = E.clip_seeds(cat, i, split="test")
+            p = E.sample_params(cat, effect_seed)
+            gt = E.apply_effect(E.make_image(image_seed), cat, p, 9)
+            with torch.no_grad():
+                x = vae.decode(vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1)
+            true = p["distance"] * 64 if cat.startswith("pan_") else abs(math.log(p["scale"]))
+            assert abs(E.effect_amount(gt, cat, p) / true - 1) < 0.05, (cat, i)
+            ratios.append(E.effect_amount((x.clamp(-1, 1) + 1) / 2, cat, p) / true)
+            assert ratios[-1] > 0.75, (cat, i, ratios[-1])
+    assert sorted(ratios)[len(ratios) // 2] > 0.9
 
 
 @pytest.mark.parametrize("category", ["pan_right", "pan_left", "pan_up", "pan_down"])

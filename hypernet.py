@@ -33,15 +33,16 @@ class HyperNetConfig:
     heads: int = 4
     mlp_ratio: int = 4
     iters: int = 4  # refinement passes k
+    corr_radius: int = 4  # latent px: each latent pixel is compared with the previous latent frame this far around
 
     def __post_init__(self):
         if self.width % 16 or self.width % self.heads:
             raise ValueError(f"hypernet width {self.width} must be a multiple of 16 and of heads={self.heads}")
 
 
-# "toy": the bench/toy.py model (64x64 frames, 8x8 latents): patch 1, so a pan of a latent pixel is a token
+# "toy": bench/toy.py's model (64x64 frames, 8x8 latents, pans of up to ~3 latent px per latent frame)
 presets = {"default": HyperNetConfig(), "tiny": HyperNetConfig(in_channels=4, width=32, depth=2, heads=2, iters=2),
-           "toy": HyperNetConfig(patch_size=1, width=64, depth=4, heads=4)}
+           "toy": HyperNetConfig(width=64, depth=4, heads=4, corr_radius=3)}
 
 
 def patchify(x, p):
@@ -49,6 +50,18 @@ def patchify(x, p):
     B, Fr, C, H, W = x.shape
     x = x.view(B, Fr, C, H // p, p, W // p, p)  # B F C h i w j
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Fr * (H // p) * (W // p), C * p * p)
+
+
+def correlation(x, R):
+    """[B, F, C, H, W] -> [B, F, (2R+1)^2, H, W]: the cosine similarity of each latent pixel of frame f with frame
+    f-1's pixels up to R away (frame 0 with itself), a correlation layer as in optical-flow networks (FlowNet).
+    Why: a hypernet reading the latents alone did not tell a pan left from a pan right, even with a linear probe
+    on held-out clips (chance); pooled over the frame, this volume tells them apart (bench/RESULTS.md)."""
+    B, Fr, C, H, W = x.shape
+    x = F.normalize(x - x.mean((3, 4), keepdim=True), dim=2)  # texture, not the frame's mean colour
+    prev = F.pad(torch.cat([x[:, :1], x[:, :-1]], 1).flatten(0, 1), (R, R, R, R))  # [B*F, C, H+2R, W+2R]
+    win = F.unfold(prev, 2 * R + 1).view(B, Fr, C, (2 * R + 1) ** 2, H, W)  # every shift's pixels
+    return (win * x[:, :, :, None]).sum(2)
 
 
 def sincos_3d(f, h, w, dim, device=None):
@@ -88,7 +101,7 @@ class HyperNet(nn.Module):
     def __init__(self, cfg, n_layers, a=100, b=50, r=1):
         super().__init__()
         self.cfg, self.a, self.b, self.r, d = cfg, a, b, r, cfg.width
-        self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, d)
+        self.patch_embed = nn.Linear((cfg.in_channels + (2 * cfg.corr_radius + 1) ** 2) * cfg.patch_size ** 2, d)
         self.video_norm = nn.LayerNorm(d)
         self.weight_tokens = nn.Parameter(torch.empty(n_layers, d))  # one learned identity per adapted layer
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -125,6 +138,7 @@ class HyperNet(nn.Module):
         x = F.pad(latents.to(self.patch_embed.weight.dtype), (0, -W % p, 0, -H % p))  # odd latent sizes
         h, w = x.shape[-2] // p, x.shape[-1] // p
         pos = sincos_3d(Fr, h, w, cfg.width, x.device).to(x.dtype)
+        x = torch.cat([x, correlation(x, cfg.corr_radius)], 2)  # [B, F, C + (2R+1)^2, H, W]
         video = self.video_norm(self.patch_embed(patchify(x, p)) + pos)  # [B, F*h*w, d]
         mask = None
         if frames is not None:  # padded reference frames are masked as keys; weight tokens always attend

@@ -47,6 +47,9 @@ p.add_argument("--steps", type=int, default=20000)
 p.add_argument("--batch-size", type=int, default=1, help="per process")
 p.add_argument("--lr", type=float, default=1e-4, help="the paper's (the authors' code ran 1e-5)")
 p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+p.add_argument("--trunk-lr-scale", type=float, default=0.1,
+               help="the hypernet trunk's lr as a fraction of --lr (its heads and the aux factors take --lr): at the "
+                    "full lr the trunk learned to ignore the reference, one LoRA for every video (bench/RESULTS.md)")
 p.add_argument("--cosine", action="store_true", help="cosine decay to 0 after warmup (default: constant)")
 p.add_argument("--weight-decay", type=float, default=0.03, help="as the authors' code")
 p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm over all trainable parameters")
@@ -219,7 +222,9 @@ def main(args):
         hcfg = dataclasses.replace(hcfg, iters=args.k) if args.k else hcfg
         v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).to(device)
     v2l = v2l.float().train()
-    names = [n for n, _ in v2l.named_parameters()]
+    # optimizer order: the hypernet's heads and the aux factors at --lr, then its trunk at --trunk-lr-scale x lr
+    is_trunk = lambda n: n.startswith("hypernet.") and not n.startswith("hypernet.head_")
+    names = sorted((n for n, _ in v2l.named_parameters()), key=is_trunk)  # stable: module order within each
     print0(f"Video2LoRA: {sum(p.numel() for p in v2l.parameters()) / 1e6:.2f} M trainable parameters, "
            f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B "
            f"parameters in {dtype}")
@@ -240,7 +245,10 @@ def main(args):
     if WORLD > 1:  # one module: hypernet and aux factors are averaged together (the authors' aux were not)
         net = torch.nn.parallel.DistributedDataParallel(  # its buffers are constant indices: no broadcast
             v2l, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    opt = torch.optim.AdamW(v2l.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    params = dict(v2l.named_parameters())
+    groups = [dict(params=[params[n] for n in names if not is_trunk(n)], lr_scale=1.0),
+              dict(params=[params[n] for n in names if is_trunk(n)], lr_scale=args.trunk_lr_scale)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
     step, samples, skipped = 0, 0, 0
     if meta is not None:
@@ -358,7 +366,7 @@ def main(args):
         lr = lr_at(step, args)
         if math.isfinite(loss_avg) and torch.isfinite(gnorm):
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             opt.step()
             bad_in_row = 0
         else:

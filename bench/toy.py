@@ -322,14 +322,16 @@ def stage_hyper(args):
     """Each run is train.py itself (one process, one thread); the runs go concurrently."""
     import os
     out, procs = Path(args.out), []
+    data.build_cache(out / "model", out / "data" / args.data, out / ("cache_" + args.data), FRAMES, FPS, SIZE, SIZE,
+                     batch=8, workers=0)  # a no-op when built
     for name, extra in RUNS:
         if args.runs and name not in args.runs.split(","):
             continue
         steps = args.steps if name == "main" else args.ablation_steps
         cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(out / "model"), "--data",
-               str(out / "data/train"), "--cache", str(out / "cache_train"), "--out", str(out / "hyper" / name),
+               str(out / "data" / args.data), "--cache", str(out / ("cache_" + args.data)), "--out", str(out / "hyper" / name),
                "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr), "--warmup", "20",
-               "--hypernet", "tiny", "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20",
+               "--hypernet", args.hypernet, "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20",
                "--log-every", "10", "--num-workers", "0"] + extra
         log(out, "hyper", " ".join(cmd[1:]))
         (out / "hyper" / name).mkdir(parents=True, exist_ok=True)
@@ -459,14 +461,14 @@ def stage_clf(args):
 
 
 def eval_pairs(out, n):
-    """(category, reference mp4, reference meta, target meta) x n per category, test split (held-out images):
-    the target image is another test clip's image; the ground truth is the reference's effect and parameters
-    applied to it."""
+    """(category, reference mp4, reference meta, target meta), n per category, test split (held-out images): every
+    ordered pair of two different test clips of the category, the reference's effect and parameters to be put on
+    the other clip's image (the ground truth is that effect applied to it)."""
     by = {}
     for c, p, m in clips_of(Path(out) / "data/test"):
         by.setdefault(c, []).append((p, m))
-    return [(c, by[c][i][0], by[c][i][1], by[c][(i + 1) % len(by[c])][1]) for c in effects.CATEGORIES
-            for i in range(min(n, len(by[c])))]
+    return [(c, by[c][i][0], by[c][i][1], by[c][j][1]) for c in effects.CATEGORIES
+            for i, j in [(i, j) for i in range(len(by[c])) for j in range(len(by[c])) if i != j][:n]]
 
 
 def conditions(args):
@@ -555,26 +557,72 @@ def stage_eval(args):
                     continue
                 v = load_file(str(f))["video"]
             hit = int(clf(v[None]).argmax()) == effects.CATEGORIES.index(cat)
+            amount = effects.effect_amount(v, cat, rmeta["params"]) if cat in MEASURED else None
             res["heldout" if cat in effects.HELDOUT else "seen"].append(
-                (effects.psnr(v[1:], gt[1:]), effects.ssim(v[1:], gt[1:]), float(hit), cat))
+                (effects.psnr(v[1:], gt[1:]), effects.ssim(v[1:], gt[1:]), float(hit), cat, j, amount))
         rows[name] = res
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    write_results(args, rows, conds)
+    write_results(args, rows)
 
 
-def write_results(args, rows, conds):
+# What an effect does to the picture, for the per-kind breakdown; MEASURED: effects.effect_amount reads how much
+# of it a video shows (px along a pan, log scale of a zoom, brightness fraction of a fade).
+KIND = {**{c: "camera motion" for c in ("zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down",
+                                        "rotate", "shake", "dolly_zoom", "spin_out")},
+        **{c: "appearance" for c in ("fade_black", "fade_white", "hue_cycle", "blur_in", "pixel_dissolve",
+                                     "vignette_in")},
+        **{c: "deformation" for c in ("shatter", "melt", "inflate", "ripple", "swirl")}}
+MEASURED = ["pan_left", "pan_right", "pan_down", "pan_up", "zoom_in", "zoom_out", "fade_black", "fade_white"]
+# (a, b): paired PSNR difference a - b, over the eval pairs both conditions have
+DIFFS = [("video2lora", "base"), ("oracle", "video2lora"), ("k1", "video2lora"), ("k2", "video2lora"),
+         ("ab16x8", "video2lora")]
+
+
+def mean_se(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1) / len(xs)) ** 0.5
+
+
+def write_results(args, rows):
     out = Path(args.out)
     fmt = lambda r: (f"{sum(x[0] for x in r) / len(r):.2f} | {sum(x[1] for x in r) / len(r):.3f} | "
                      f"{100 * sum(x[2] for x in r) / len(r):.0f}% | {len(r)}") if r else "- | - | - | 0"
-    lines = ["| | seen PSNR | SSIM | classifier acc. | n | held-out PSNR | SSIM | classifier acc. | n |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, res in rows.items():
-        lines.append(f"| {name} | {fmt(res['seen'])} | {fmt(res['heldout'])} |")
-    oc = sorted({x[3] for res in rows.get("oracle", {}).values() for x in res})
+    head = ["| | seen PSNR | SSIM | classifier acc. | n | held-out PSNR | SSIM | classifier acc. | n |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    lines = head + [f"| {name} | {fmt(res['seen'])} | {fmt(res['heldout'])} |" for name, res in rows.items()]
+    by = {name: {x[4]: x for r in res.values() for x in r} for name, res in rows.items()}  # pair index -> row
+    lines += ["", "Paired PSNR differences (dB, mean ± standard error over pairs; wins = pairs where a > b):", "",
+              "| a - b | seen | held-out | camera motion | appearance | deformation | wins |", "|---|---|---|---|---|---|---|"]
+    for a, b in DIFFS:
+        if a not in by or b not in by:
+            continue
+        both = [(by[a][j], by[b][j]) for j in by[a] if j in by[b]]
+        cell = lambda keep: (lambda d: f"{mean_se(d)[0]:+.2f} ± {mean_se(d)[1]:.2f} ({len(d)})" if d else "-")(
+            [x[0] - y[0] for x, y in both if keep(x[3])])
+        wins = sum(x[0] > y[0] for x, y in both)
+        lines.append(f"| {a} - {b} | {cell(lambda c: c not in effects.HELDOUT)} | {cell(lambda c: c in effects.HELDOUT)}"
+                     f" | {cell(lambda c: KIND[c] == 'camera motion')} | {cell(lambda c: KIND[c] == 'appearance')} | "
+                     f"{cell(lambda c: KIND[c] == 'deformation')} | {wins}/{len(both)} |")
+    gt = by.get("ground truth through the VAE", {})
+    lines += ["", "Measured effect (effects.effect_amount, last frame vs first: px along the pan, log scale, brightness "
+              "fraction): pairs that go the reference's way / n, median, and median / the ground truth's through "
+              "the VAE" + (" (held out: pan_up)" if "pan_up" in effects.HELDOUT else "") + ":", "",
+              "| | " + " | ".join(MEASURED) + " |", "|---" * (len(MEASURED) + 1) + "|"]
+    for name in by:
+        cells = []
+        for c in MEASURED:
+            xs = [x for x in by[name].values() if x[3] == c and x[5] is not None]
+            if not xs:
+                cells.append("-")
+                continue
+            med = sorted(x[5] for x in xs)[len(xs) // 2]
+            ref = sorted(gt[x[4]][5] for x in xs if x[4] in gt)
+            ratio = f" ({med / ref[len(ref) // 2]:.2f})" if ref and ref[len(ref) // 2] else ""
+            cells.append(f"{sum(x[5] > 0 for x in xs)}/{len(xs)}, {med:+.2f}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    oc = sorted({x[3] for x in by.get("oracle", {}).values()})
     if oc and len(oc) < len(effects.CATEGORIES):
-        lines += ["", f"Oracle categories only ({', '.join(oc)}):", "",
-                  "| | seen PSNR | SSIM | classifier acc. | n | held-out PSNR | SSIM | classifier acc. | n |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Oracle categories only ({', '.join(oc)}):", ""] + head
         for name, res in rows.items():
             sub = {k: [x for x in v if x[3] in oc] for k, v in res.items()}
             lines.append(f"| {name} | {fmt(sub['seen'])} | {fmt(sub['heldout'])} |")
@@ -583,10 +631,11 @@ def write_results(args, rows, conds):
 
 
 # ---------------------------------------------------------------------------------------------------- export
-# The shipped pair: a held-out reference image and a held-out first frame. The toy transfers darkening effects
-# (fades, vignette, dissolve) and not geometric motion (bench/RESULTS.md), so the default shows a fade to black;
-# the image is the one of 8 held-out images (2**30 + 0..7) on which it shows most at the CLI's seed.
-REF = dict(category="fade_black", effect_seed=9, image_seed=2**30 + 11)
+# The shipped references (held-out images, effect parameters of the test split's kind) and the image they are
+# put on: one camera move, one zoom, one appearance effect. ref.mp4, the CLI's default, is the pan.
+REFS = {"ref.mp4": dict(category="pan_right", effect_seed=5, image_seed=2**30 + 11),
+        "ref_zoom.mp4": dict(category="zoom_in", effect_seed=5, image_seed=2**30 + 12),
+        "ref_fade.mp4": dict(category="fade_black", effect_seed=9, image_seed=2**30 + 13)}
 IMG_SEED = 2**30 + 3
 
 
@@ -598,6 +647,13 @@ def strip(path, ref, image, video):
     mid[:, :, :image.shape[-1]] = image
     gap = torch.ones(3, 4, top.shape[-1])
     effects.write_png(path, torch.cat([top, gap, mid, gap, bottom], 1))
+
+
+def shipped(name, meta, image_seed=IMG_SEED):
+    """(reference clip, ground truth on the shipped image), [F,3,H,W] in [0,1]."""
+    params = effects.sample_params(meta["category"], meta["effect_seed"])
+    ref = effects.apply_effect(effects.make_image(meta["image_seed"], SIZE, SIZE), meta["category"], params, FRAMES)
+    return ref, effects.apply_effect(effects.make_image(image_seed, SIZE, SIZE), meta["category"], params, FRAMES)
 
 
 def stage_export(args):
@@ -613,20 +669,23 @@ def stage_export(args):
     hypernet.save(assets / "hypernet.safetensors", v2l, meta={k: meta[k] for k in ("step", "samples", "args")})  # no optimizer
     image = effects.make_image(IMG_SEED, SIZE, SIZE)
     effects.write_png(assets / "img.png", image)
-    params = effects.sample_params(REF["category"], REF["effect_seed"])
-    ref = effects.apply_effect(effects.make_image(REF["image_seed"], SIZE, SIZE), REF["category"], params, FRAMES)
-    data.write_video(assets / "ref.mp4", ref, fps=FPS)
-    (assets / "ref.json").write_text(json.dumps(dict(REF, params=params, frames=FRAMES, height=SIZE, width=SIZE,
-                                                     fps=FPS), indent=1) + "\n")
-    t0 = time.time()
-    res = subprocess.run([sys.executable, "sample.py", "assets/ref.mp4", "assets/img.png", "--out", str(out / "default.mp4")],
-                         cwd=ROOT, capture_output=True, text=True)
-    log(out, "export", f"default sample.py run: rc {res.returncode} in {time.time() - t0:.1f} s: {res.stdout.strip()} {res.stderr.strip()[-300:]}")
-    video = (data.read_video(out / "default.mp4", FRAMES, FPS, SIZE, SIZE) + 1) / 2
-    strip(assets / "strip.png", ref, image, video)
-    amount = lambda v: effects.effect_amount(v, REF["category"], params)
-    log(out, "export", f"{REF['category']} shown by the last frame (tests/test_default.py): output {amount(video):.3f}, "
-                       f"reference {amount(ref):.3f}")
+    index = {}
+    for name, m in REFS.items():
+        ref, _ = shipped(name, m)
+        data.write_video(assets / name, ref, fps=FPS)
+        index[name] = dict(m, params=effects.sample_params(m["category"], m["effect_seed"]), frames=FRAMES,
+                           height=SIZE, width=SIZE, fps=FPS)
+        t0 = time.time()
+        res = subprocess.run([sys.executable, "sample.py", f"assets/{name}", "assets/img.png", "--out",
+                              str(out / f"default-{name}")], cwd=ROOT, capture_output=True, text=True)
+        log(out, "export", f"sample.py assets/{name} assets/img.png: rc {res.returncode} in {time.time() - t0:.1f} s")
+        video = (data.read_video(out / f"default-{name}", FRAMES, FPS, SIZE, SIZE) + 1) / 2
+        strip(assets / name.replace("ref", "strip").replace(".mp4", ".png"), ref, image, video)
+        amount = lambda v: effects.effect_amount(v, m["category"], index[name]["params"])
+        log(out, "export", f"{m['category']} shown by the last frame: output {amount(video):.3f}, "
+                           f"reference {amount(ref):.3f}")
+    (assets / "refs.json").write_text(json.dumps(index, indent=1) + "\n")
+    (assets / "ref.json").unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -640,9 +699,11 @@ def main(argv=None):
     p.add_argument("--ablation-steps", type=int, default=200)
     p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle: categories")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
+    p.add_argument("--hypernet", default="toy", help="hyper: hypernet.py preset")
+    p.add_argument("--data", default="train", help="hyper: the training clips, a folder under <out>/data")
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model")
-    p.add_argument("--pairs", type=int, default=N_TEST, help="eval pairs per category")
+    p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: processes run side by side)")

@@ -153,6 +153,89 @@ def posterior(mean, logvar, eps):
     return mean.float() + (0.5 * logvar.float()).exp() * eps
 
 
+def is_trunk(name):
+    return name.startswith("hypernet.") and not name.startswith("hypernet.head_")
+
+
+def param_names(v2l):
+    """Optimizer order: the hypernet's heads and the aux factors at --lr, then its trunk at --trunk-lr-scale x lr."""
+    return sorted((n for n, _ in v2l.named_parameters()), key=is_trunk)  # stable: module order within each
+
+
+def optimizer(v2l, names, args):
+    params = dict(v2l.named_parameters())
+    groups = [dict(params=[params[n] for n in names if not is_trunk(n)], lr_scale=1.0),
+              dict(params=[params[n] for n in names if is_trunk(n)], lr_scale=args.trunk_lr_scale)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
+
+def wrap(dit, args, dtype):
+    """Activation checkpointing / torch.compile / FSDP2 per DiT block, in place."""
+    for blk in dit.transformer_blocks:
+        if args.checkpointing:  # an instance-level forward keeps module names (and the lora keys) unchanged
+            blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
+        if args.compile:
+            blk.compile()
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for blk in dit.transformer_blocks:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(dit, mp_policy=mp)
+
+
+def step_loss(net, dit, batch, amp):
+    """The loss of one batch from batch_inputs."""
+    x, text, t, ofs, ref, v = batch
+    with amp:
+        lora = net(ref)
+        pred = dit(x, text, t, ofs=ofs, lora=lora)
+    return F.mse_loss(pred.float(), v)
+
+
+def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
+    """-> batch_inputs(items), the model inputs of one step from the loader's items."""
+    sf = vae.config.scaling_factor
+    # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
+    # the same, so train and sample see the same condition.
+    img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
+
+    @torch.no_grad()
+    def batch_inputs(items):
+        """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
+        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
+        draw = lambda g, shape: torch.randn(shape, generator=g).to(device)
+        drop = torch.stack([torch.rand((), generator=g) for g in gens]) < args.caption_dropout  # no host sync
+        t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
+        sigma = torch.stack([(torch.randn((), generator=g) * 0.5 - 3).exp() for g in gens]).to(device)
+        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W], [-1,1]
+        first = first + sigma[:, None, None, None] * torch.stack([draw(g, first.shape[1:]) for g in gens])
+        if cache:
+            mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
+            ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
+        else:
+            vid = torch.stack([it[k] for k in ("video", "ref") for it in items]).to(device, dtype)
+            mean, logvar = vae.encode(vid.transpose(1, 2))  # targets then references, [2B,F,3,H,W] -> [2B,3,F,H,W]
+            mean, logvar, ref = mean[:len(items)], logvar[:len(items)], mean[len(items):]
+        x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
+        im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
+        img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
+        x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
+        ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
+        if cfg.patch_size_t and x0.shape[1] % 2:  # 1.5: duplicate latent frame 0 in front (spec §4.2)
+            x0 = torch.cat([x0[:, :1], x0], 1)
+        img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
+        eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
+        a = A[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        text = torch.stack([it["text"] if "text" in it else embed(it["caption"]) for it in items])
+        text = torch.where(drop[:, None, None], empty, text).to(device, dtype)
+        ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None
+        return torch.cat([x_t, img], 2).to(dtype), text, t, ofs, ref, v
+    return batch_inputs
+
+
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -173,10 +256,7 @@ def main(args):
     # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
     vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
-    cfg, sf = dit.config, vae.config.scaling_factor
-    # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
-    # the same, so train and sample see the same condition.
-    img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
+    cfg = dit.config
     frames = args.frames or cfg.sample_frames
     height = args.height or cfg.sample_height * vae.spatial_compression
     width = args.width or cfg.sample_width * vae.spatial_compression
@@ -222,33 +302,18 @@ def main(args):
         hcfg = dataclasses.replace(hcfg, iters=args.k) if args.k else hcfg
         v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).to(device)
     v2l = v2l.float().train()
-    # optimizer order: the hypernet's heads and the aux factors at --lr, then its trunk at --trunk-lr-scale x lr
-    is_trunk = lambda n: n.startswith("hypernet.") and not n.startswith("hypernet.head_")
-    names = sorted((n for n, _ in v2l.named_parameters()), key=is_trunk)  # stable: module order within each
+    names = param_names(v2l)
     print0(f"Video2LoRA: {sum(p.numel() for p in v2l.parameters()) / 1e6:.2f} M trainable parameters, "
            f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B "
            f"parameters in {dtype}")
 
     # ---- wrap: activation checkpointing, FSDP2 for the frozen DiT, DDP for the trainable part ----------------
-    for blk in dit.transformer_blocks:
-        if args.checkpointing:  # an instance-level forward keeps module names (and the lora keys) unchanged
-            blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
-        if args.compile:
-            blk.compile()
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for blk in dit.transformer_blocks:
-            fully_shard(blk, mp_policy=mp)
-        fully_shard(dit, mp_policy=mp)
+    wrap(dit, args, dtype)
     net = v2l
     if WORLD > 1:  # one module: hypernet and aux factors are averaged together (the authors' aux were not)
         net = torch.nn.parallel.DistributedDataParallel(  # its buffers are constant indices: no broadcast
             v2l, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    params = dict(v2l.named_parameters())
-    groups = [dict(params=[params[n] for n in names if not is_trunk(n)], lr_scale=1.0),
-              dict(params=[params[n] for n in names if is_trunk(n)], lr_scale=args.trunk_lr_scale)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = optimizer(v2l, names, args)
 
     step, samples, skipped = 0, 0, 0
     if meta is not None:
@@ -293,39 +358,7 @@ def main(args):
     print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x batch "
            f"{args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
 
-    @torch.no_grad()
-    def batch_inputs(items):
-        """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
-        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
-        draw = lambda g, shape: torch.randn(shape, generator=g).to(device)
-        drop = [torch.rand((), generator=g).item() < args.caption_dropout for g in gens]
-        t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
-        sigma = torch.stack([(torch.randn((), generator=g) * 0.5 - 3).exp() for g in gens]).to(device)
-        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W], [-1,1]
-        first = first + sigma[:, None, None, None] * torch.stack([draw(g, first.shape[1:]) for g in gens])
-        if cache:
-            mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
-            ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
-        else:
-            vid = torch.stack([it[k] for k in ("video", "ref") for it in items]).to(device, dtype)
-            mean, logvar = vae.encode(vid.transpose(1, 2))  # targets then references, [2B,F,3,H,W] -> [2B,3,F,H,W]
-            mean, logvar, ref = mean[:len(items)], logvar[:len(items)], mean[len(items):]
-        x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
-        im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
-        img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
-        x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
-        ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
-        if cfg.patch_size_t and x0.shape[1] % 2:  # 1.5: duplicate latent frame 0 in front (spec §4.2)
-            x0 = torch.cat([x0[:, :1], x0], 1)
-        img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
-        eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
-        a = A[t].view(-1, 1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        v = a.sqrt() * eps - (1 - a).sqrt() * x0
-        text = torch.stack([empty if d else (it["text"] if "text" in it else embed(it["caption"]))
-                            for d, it in zip(drop, items)]).to(device, dtype)
-        ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None
-        return torch.cat([x_t, img], 2).to(dtype), text, t, ofs, ref, v
+    batch_inputs = batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype)
 
     def validate():
         """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
@@ -350,11 +383,7 @@ def main(args):
         t0 = time.perf_counter()
         step += 1
         items = next(loader)
-        x, text, t, ofs, ref, v = batch_inputs(items)
-        with amp:
-            lora = net(ref)
-            pred = dit(x, text, t, ofs=ofs, lora=lora)
-        loss = F.mse_loss(pred.float(), v)
+        loss = step_loss(net, dit, batch_inputs(items), amp)
         if step in nan_steps:
             loss = loss * float("nan")
         loss.backward()

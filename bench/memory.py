@@ -1,0 +1,438 @@
+"""Peak device memory of sample.py and train.py at full size, estimated on a CPU without a GPU.
+
+    python bench/memory.py                                  # CogVideoX-5B-I2V (bench/configs/), every row
+    python bench/memory.py --model DIR                      # any model folder (its config.json files suffice)
+    python bench/memory.py --only sample|train|flops        # one part
+    python bench/memory.py --diffusers                      # dev: the same estimator on diffusers' modules
+
+The real code (sample.Pipeline, train.batch_fn / step_loss / wrap / optimizer, the model modules) runs on
+fake tensors (torch._subclasses.fake_tensor.FakeTensorMode: shapes and dtypes, no data, no compute) with
+weights built on the `meta` device. A TorchDispatchMode (`Tracker`) adds up the bytes of live storages: a
+storage counts from the op that creates it until a weakref finaliser sees it die, so views, in-place ops and
+autograd's saved tensors count as on a GPU. GiB = 2^30 B, comparable to torch.cuda.max_memory_allocated.
+Not seen: kernel workspaces (cuDNN conv, cuBLAS), the caching allocator's rounding and fragmentation, the
+CUDA context. CUDA's autocast differs from the CPU's (on CUDA layer_norm runs and returns fp32); `CudaAutocast`
+applies CUDA's op lists wherever CPU autocast is on. tests/test_memory.py checks the estimate against the
+CPU allocator on a real tiny run.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import hypernet  # noqa: E402
+import model  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+import vae as vae_lib  # noqa: E402
+
+GiB = 2 ** 30
+OFFICIAL = ROOT / "bench" / "configs" / "cogvideox-5b-i2v"
+
+
+class Tracker(TorchDispatchMode):
+    """Live and peak bytes of the storages that ops create. `host(tensors)` marks storages as living in host
+    memory (the loader's items, offloaded models): they do not count. With count=True it also adds up FLOPs
+    (torch.utils.flop_counter's formulas) and bytes moved (inputs read + outputs written by every op that is
+    not a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.hosted = {}, set()
+        self.live = self.peak = 0
+        self.count, self.flops, self.moved = False, 0, 0
+
+    def _add(self, t):
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.sizes:
+            return
+        self.sizes[key] = n = st.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key):
+        n = self.sizes.pop(key, 0)
+        if key in self.hosted:
+            self.hosted.discard(key)
+        else:
+            self.live -= n
+
+    def host(self, tensors, on_host=True):
+        for t in tensors:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key not in self.sizes:
+                self._add(t)
+            if on_host and key not in self.hosted:
+                self.hosted.add(key)
+                self.live -= self.sizes[key]
+            elif not on_host and key in self.hosted:
+                self.hosted.discard(key)
+                self.live += self.sizes[key]
+                self.peak = max(self.peak, self.live)
+
+    def reset_peak(self):
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in outs:
+            self._add(t)
+        if self.count:
+            packet = func._overloadpacket
+            if packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # CPU SDPA: not registered
+                self.flops += sdpa_flop_count(*(t.shape for t in args[:3]))
+            elif packet in flop_registry:
+                self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+            if not func.is_view:
+                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                self.moved += sum(t.numel() * t.element_size() for t in ins + outs)
+        return out
+
+
+# CUDA's autocast op lists (aten/src/ATen/autocast_mode.cpp, the CUDA part) for the ops our models call.
+_LOW = {"linear", "matmul", "__matmul__", "mm", "bmm", "baddbmm", "addmm", "einsum", "conv1d", "conv2d", "conv3d",
+        "scaled_dot_product_attention"}
+_FP32 = {"layer_norm", "group_norm", "exp", "log", "pow", "rsqrt", "softmax", "log_softmax", "mse_loss", "sum",
+         "cumsum", "prod", "norm", "linalg_vector_norm", "expm1", "log1p", "reciprocal", "softplus"}
+_WIDEST = {"cat", "stack", "addcmul", "addcdiv", "index_put"}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """While CPU autocast is on (torch.autocast("cpu", bf16), as train.py opens it on our fake CPU device, and
+    as torch.utils.checkpoint re-opens it when it recomputes), cast the floating inputs of each op the way
+    CUDA's autocast does. The CPU's own lists agree on the matmuls and differ on the norms, which is what
+    matters: on CUDA, LayerNorm of a bf16 input returns fp32."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not torch.is_autocast_enabled("cpu") or name not in _LOW | _FP32 | _WIDEST:
+            return func(*args, **kwargs)
+        floats = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and t.dtype != torch.float64]
+        if name in _LOW:
+            dt = torch.bfloat16
+        elif name in _FP32:
+            if name in ("sum", "cumsum", "prod", "softmax", "log_softmax") and not any(
+                    t.dtype in (torch.bfloat16, torch.float16) for t in floats):
+                return func(*args, **kwargs)
+            dt = torch.float32
+        else:
+            dt = max((t.dtype for t in floats), key=lambda d: torch.finfo(d).bits, default=None)
+        if dt is None:
+            return func(*args, **kwargs)
+        cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+            else t
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would recast what we just cast
+            return func(*tree_map(cast, args), **tree_map(cast, kwargs))
+
+
+def on_host(fn):
+    """fn run on real tensors: scalar host code whose result steers Python (timestep lists)."""
+    @functools.wraps(fn)
+    def run(*a, **k):
+        with unset_fake_temporarily():
+            return fn(*a, **k)
+    return run
+
+
+sample.trailing_timesteps = on_host(sample.trailing_timesteps)
+
+
+@contextlib.contextmanager
+def fake():
+    """(FakeTensorMode, Tracker) with CUDA-style autocast; everything built inside counts. Function modes are
+    not active when torch.utils.checkpoint recomputes in backward: its context_fn re-enters CudaAutocast."""
+    ckpt = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = functools.partial(
+        ckpt, context_fn=lambda: (contextlib.nullcontext(), CudaAutocast()))
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, CudaAutocast(), Tracker() as tr:
+            yield mode, tr
+    finally:
+        torch.utils.checkpoint.checkpoint = ckpt
+
+
+def materialise(module, dtype=None):
+    """A module built on `meta` -> fake CPU weights (each counted by the tracker), cast like the loaders do."""
+    for m in module.modules():
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                if t is not None:
+                    new = torch.empty(t.shape, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+                    group[k] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return module
+
+
+def load_models(mdir, dtype, t5=True):
+    """Fake frozen models from a model folder's config.json files, as model.load_dit / vae.load_vae /
+    model.load_t5 build them (meta, then weights assigned), frozen and in eval mode."""
+    mdir = Path(mdir)
+    with torch.device("meta"):
+        dit = model.DiT(model.DiTConfig.from_dict(model.read_config(mdir / "transformer")))
+        vae = vae_lib.VAE(vae_lib.VAEConfig.from_dict(model.read_config(mdir / "vae")))
+        enc = model.T5Encoder(model.T5Config.from_dict(model.read_config(mdir / "text_encoder"))) if t5 else None
+    out = [materialise(m, dtype).eval().requires_grad_(False) if m is not None else None for m in (dit, vae, enc)]
+    return out + [json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())]
+
+
+def tokenizer(texts, max_length=226):  # stands in for model.Tokenizer: ids only shape the text encoder's input
+    return torch.zeros(len(texts), max_length, dtype=torch.long)
+
+
+def sizes(dit, vae):
+    c, s = dit.config, vae.spatial_compression
+    return c.sample_frames, c.sample_height * s, c.sample_width * s
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sample.py
+
+def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16):
+    """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them."""
+    with fake() as (_, tr):
+        dit, vae, t5, sched = load_models(mdir, dtype)
+        v2l = hypernet.Video2LoRA(dit).eval() if ref else None  # fp32, stays on the device (sample.load)
+        peaks = {}
+        frozen = [dit, vae, t5]
+
+        class Measured(sample.Pipeline):
+            @contextlib.contextmanager
+            def _stage(self, name, module=None):
+                if self.offload:  # sample.Pipeline moves `module` to the device and the others to the host
+                    for m in frozen:
+                        tr.host(list(m.parameters()) + list(m.buffers()), m is not module)
+                tr.reset_peak()
+                with super()._stage(name, module):
+                    yield
+                peaks[name] = max(peaks.get(name, 0), tr.peak)
+
+        pipe = Measured(dit, vae, t5, tokenizer, sched, v2l, "cpu", dtype, offload, tile_vae)
+        if offload:
+            for m in frozen:
+                tr.host(list(m.parameters()) + list(m.buffers()))
+        F_, H, W = sizes(dit, vae)
+        image, video = torch.empty(3, H, W), torch.empty(F_, 3, H, W)
+        tr.host([image, video])  # read from files into host memory
+        lora = pipe.reference_lora(video) if ref else None
+        pipe.generate(image, "a prompt", lora=lora, steps=steps)
+        if ref:
+            peaks["ref->lora"] = peaks.pop("ref->lora")
+    return {k: v / GiB for k, v in peaks.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py
+
+def train_args(mdir, *flags):
+    return train.p.parse_args(["--model", str(mdir), "--data", "-", "--out", "-", *flags])
+
+
+def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
+    """[peak GiB of each step] of train.py's step with these command-line flags: batch_inputs, step_loss,
+    backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does."""
+    args = train_args(mdir, *flags)
+    cache = args.cache is not None
+    with fake() as (_, tr):
+        dit, vae, t5, sched = load_models(mdir, dtype, t5=True)
+        hcfg = hypernet.presets[args.hypernet]
+        v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32 already
+        names = train.param_names(v2l)
+        train.wrap(dit, args, dtype)
+        opt = train.optimizer(v2l, names, args)
+        A = sample.alphas_cumprod(sched).float()
+        memo = {}
+
+        def embed(caption):  # train.main's embed without a cache: T5 once per caption, kept on the host
+            if caption not in memo:
+                with torch.no_grad():
+                    memo[caption] = t5(tokenizer([caption]))[0]
+                tr.host([memo[caption]])
+            return memo[caption]
+        empty = torch.empty(226, dit.config.text_embed_dim, dtype=dtype) if cache else embed("")
+        if not args.eval_every:  # train.main embeds every caption up front, then drops T5
+            tr.host(list(t5.parameters()) + list(t5.buffers()))
+        batch_inputs = train.batch_fn(args, vae, dit.config, A, "cache" if cache else None, embed, empty, "cpu",
+                                      dtype)
+        F_, H, W = sizes(dit, vae)
+        C, s = vae.config.latent_channels, vae.spatial_compression
+        lat = (C, (F_ - 1) // vae.temporal_compression + 1, H // s, W // s)
+        amp = torch.autocast("cpu", torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+        peaks = []
+        for step in range(steps):
+            if cache:  # data.VideoPairs items with a cache
+                items = [dict(n=i, first=torch.empty(3, H, W), text=torch.empty(226, dit.config.text_embed_dim,
+                              dtype=dtype), video=dict(mean=torch.empty(lat, dtype=dtype),
+                              logvar=torch.empty(lat, dtype=dtype)), ref=dict(mean=torch.empty(lat, dtype=dtype)))
+                         for i in range(batch)]
+            else:
+                items = [dict(n=i, caption="a caption", video=torch.empty(F_, 3, H, W), ref=torch.empty(F_, 3, H, W))
+                         for i in range(batch)]
+            tr.host([t for it in items for t in tree_flatten(it)[0] if isinstance(t, torch.Tensor)])
+            tr.reset_peak()
+            loss = train.step_loss(v2l, dit, batch_inputs(items), amp)  # as train.main's loop
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss, items
+            peaks.append(tr.peak / GiB)
+    return peaks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs and bytes of one DiT forward
+
+def dit_cost(mdir, batch=2, lora=True, dtype=torch.bfloat16):
+    """(TFLOP, GB moved, peak GiB) of one DiT forward as sample.py's denoising loop calls it (CFG batch 2)."""
+    with fake() as (_, tr), torch.no_grad():
+        dit, vae, _, _ = load_models(mdir, dtype, t5=False)
+        F_, H, W = sizes(dit, vae)
+        c, s = dit.config, vae.spatial_compression
+        x = torch.empty(batch, (F_ - 1) // 4 + 1, c.in_channels, H // s, W // s, dtype=dtype)
+        text = torch.empty(batch, 226, c.text_embed_dim, dtype=dtype)
+        lo = hypernet.Video2LoRA(dit).eval()(torch.empty(1, x.shape[1], c.out_channels, *x.shape[3:])) if lora else None
+        tr.reset_peak()
+        tr.count = True
+        dit(x, text, torch.full((batch,), 999), lora=lo)
+    return tr.flops / 1e12, tr.moved / 1e9, tr.peak / GiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dev only: the estimator on diffusers' modules, to compare with their real H100 allocations
+
+H100 = {"DiT forward, CFG batch 2": 13.2, "peft LoRA r=1 (attn), checkpointing, fwd+bwd": 17.1,
+        "VAE decode": 15.3, "VAE decode, tiled": 4.4, "VAE encode": 8.2, "VAE encode, tiled": 2.5}
+
+
+def diffusers_peaks(mdir, dtype=torch.bfloat16):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from peft import LoraConfig
+    mdir, out = Path(mdir), {}
+    tcfg = model.read_config(mdir / "transformer")
+    vcfg = model.read_config(mdir / "vae")
+    ours = model.DiTConfig.from_dict(tcfg)
+    F_, H, W = ours.sample_frames, ours.sample_height * 8, ours.sample_width * 8
+    f = (F_ - 1) // 4 + 1
+    rope = lambda: tuple(model.rope_3d(ours, f, H // 16, W // 16))
+
+    def dit(lora=False):
+        with torch.device("meta"):
+            m = CogVideoXTransformer3DModel.from_config(tcfg)
+            if lora:  # on meta: peft's module swaps cannot swap fake tensors
+                m.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        lo = {n for n, p in m.named_parameters() if p.requires_grad}
+        m = materialise(m, dtype).eval().requires_grad_(False)
+        for n, p in list(m.named_parameters()):
+            if n in lo:  # peft keeps adapters of a bf16 model in fp32 (autocast_adapter_dtype=True)
+                mod, k = m.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]
+                mod._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32))
+            else:
+                p.requires_grad_(False)
+        return m
+
+    def inputs(b):
+        return dict(hidden_states=torch.empty(b, f, ours.in_channels, H // 8, W // 8, dtype=dtype),
+                    encoder_hidden_states=torch.empty(b, 226, ours.text_embed_dim, dtype=dtype),
+                    timestep=torch.full((b,), 999), image_rotary_emb=rope(), return_dict=False)
+
+    with fake() as (_, tr), torch.no_grad():
+        m = dit()
+        kw = inputs(2)
+        tr.reset_peak()
+        m(**kw)
+        out["DiT forward, CFG batch 2"] = tr.peak / GiB
+        print(out, flush=True)
+    with fake() as (_, tr):
+        m = dit(lora=True)
+        m.enable_gradient_checkpointing()
+        m.train()
+        kw = inputs(1)
+        tr.reset_peak()
+        pred = m(**kw)[0]
+        torch.nn.functional.mse_loss(pred.float(), torch.empty(pred.shape)).backward()
+        out["peft LoRA r=1 (attn), checkpointing, fwd+bwd"] = tr.peak / GiB
+        print(out, flush=True)
+    for tiled in (False, True):
+        with fake() as (_, tr), torch.no_grad():
+            with torch.device("meta"):
+                v = AutoencoderKLCogVideoX.from_config(vcfg)
+            v = materialise(v, dtype).eval()
+            if tiled:
+                v.enable_tiling()
+            z = torch.empty(1, 16, f, H // 8, W // 8, dtype=dtype)
+            tr.reset_peak()
+            v.decode(z)
+            out["VAE decode" + ", tiled" * tiled] = tr.peak / GiB
+            del z
+            x = torch.empty(1, 3, F_, H, W, dtype=dtype)
+            tr.reset_peak()
+            v.encode(x)
+            out["VAE encode" + ", tiled" * tiled] = tr.peak / GiB
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
+              ("--cache (no checkpointing)", ("--cache", "-")),
+              ("--checkpointing, no cache", ("--checkpointing",)),
+              ("no checkpointing, no cache", ())]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(OFFICIAL), help="model folder (config.json files are enough)")
+    p.add_argument("--only", choices=("sample", "train", "flops"))
+    p.add_argument("--steps", type=int, default=2, help="denoising steps run (the peak is per step)")
+    p.add_argument("--row", type=int, help="one train row (0-3), to run them in parallel")
+    p.add_argument("--diffusers", action="store_true", help="dev: diffusers' modules instead of ours")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if args.diffusers:
+        print("| diffusers 0.42.1, 5B-I2V 49x480x720 bf16 | estimated GiB | H100 GiB | error |\n|---|---|---|---|")
+        for k, v in diffusers_peaks(args.model).items():
+            print(f"| {k} | {v:.2f} | {H100[k]} | {100 * (v / H100[k] - 1):+.1f} % |", flush=True)
+        print(f"\n({time.perf_counter() - t0:.0f} s)")
+        return
+    if args.only in (None, "flops"):
+        tf, gb, pk = dit_cost(args.model)
+        print(f"DiT forward, CFG batch 2 + LoRA: {tf:.1f} TFLOP, {gb:.1f} GB moved, peak {pk:.2f} GiB\n", flush=True)
+    if args.only in (None, "sample"):
+        print("| sample.py | text | image encode | denoise | decode | ref->lora |\n|---|---|---|---|---|---|")
+        for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae")):
+            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps)
+            print(f"| {' '.join(flags) or '(default)'} | " + " | ".join(
+                f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) + " |", flush=True)
+        print()
+    if args.only in (None, "train"):
+        print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
+        for i, (label, flags) in enumerate(TRAIN_ROWS):
+            if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for the first row only
+                pk = train_peaks(args.model, flags, steps=2 if i == 0 else 1) + ["-"]
+                print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
+    print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")
+
+
+if __name__ == "__main__":
+    main()

@@ -201,7 +201,7 @@ def lora_linear(layer, x, ab=None):
     if x.dim() == 2:
         return lora_linear(layer, x[:, None], ab)[:, 0]
     xd = torch.matmul(x, down)  # [B, N, r]; broadcasts a batch-1 down over the batch
-    return torch.baddbmm(y, xd, up.expand(xd.shape[0], -1, -1))
+    return y.baddbmm_(xd, up.expand(xd.shape[0], -1, -1))  # in place: F.linear's backward does not need y
 
 
 def timestep_sinusoid(t, dim):
@@ -265,11 +265,12 @@ def rope_3d(cfg, f, h, w, device=None):
 
 def apply_rope(x, cos, sin):
     """x [B, N, heads, hd]; cos/sin [N, 1, hd] fp32. Pairs (2j, 2j+1) rotate; done in fp32 and cast
-    back like diffusers (spec §9)."""
-    xf = x.float()
+    back like diffusers (spec §9). In place on our own fp32 copy, with diffusers' rounding (x*cos and
+    rot*sin each rounded, then summed): two fp32 temporaries instead of five."""
+    xf = x.to(torch.float32, copy=True)
     x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
-    return (xf * cos + rot * sin).to(x.dtype)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2).mul_(sin)
+    return xf.mul_(cos).add_(rot).to(x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -359,17 +360,21 @@ class Block(nn.Module):
         q = a.norm_q(lora_linear(a.to_q, h, ab("attn1.to_q")).view(B, S, self.heads, -1))
         k = a.norm_k(lora_linear(a.to_k, h, ab("attn1.to_k")).view(B, S, self.heads, -1))
         v = lora_linear(a.to_v, h, ab("attn1.to_v")).view(B, S, self.heads, -1)
-        if rope is not None:  # video tokens only
-            q = torch.cat([q[:, :L], apply_rope(q[:, L:], *rope)], dim=1)
-            k = torch.cat([k[:, :L], apply_rope(k[:, L:], *rope)], dim=1)
+        del h  # the dels free each activation once read (in inference; autograd keeps what backward needs)
+        if rope is not None:  # video tokens only; in place, as LayerNorm's backward keeps its input, not output
+            q[:, L:] = apply_rope(q[:, L:], *rope)
+            k[:, L:] = apply_rope(k[:, L:], *rope)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        del q, k, v
         o = lora_linear(a.to_out[0], o.transpose(1, 2).reshape(B, S, D), ab("attn1.to_out.0"))
         x = x + g[:, None] * o[:, L:]
         c = c + cg[:, None] * o[:, :L]
+        del o
 
         sh, sc, g, csh, csc, cg = lora_linear(self.norm2.linear, temb, ab("norm2.linear")).chunk(6, dim=1)
         h = torch.cat([modulate(self.norm2.norm(c), csh, csc), modulate(self.norm2.norm(x), sh, sc)], dim=1)
-        h = F.gelu(lora_linear(self.ff.net[0].proj, h, ab("ff.net.0.proj")), approximate="tanh")
+        h = lora_linear(self.ff.net[0].proj, h, ab("ff.net.0.proj"))  # [B, S, 4D], the block's largest
+        h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
         h = lora_linear(self.ff.net[2], h, ab("ff.net.2"))
         return x + g[:, None] * h[:, L:], c + cg[:, None] * h[:, :L]
 

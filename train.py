@@ -74,7 +74,8 @@ p.add_argument("--eval-steps", type=int, default=20, help="denoising steps of a 
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
 p.add_argument("--fsdp", action="store_true", help="shard the frozen DiT per block with FSDP2 (needs torchrun)")
-p.add_argument("--checkpointing", action="store_true", help="recompute each DiT block's activations in backward")
+p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+               help="recompute each DiT block's activations in backward (at 5B a step needs ~3x the memory without)")
 p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
 p.add_argument("--num-workers", type=int, default=2, help="video decoding processes per rank")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,11 +186,14 @@ def wrap(dit, args, dtype):
 
 
 def step_loss(net, dit, batch, amp):
-    """The loss of one batch from batch_inputs."""
+    """The loss of one batch from batch_inputs. Autocast covers the fp32 hypernet only: the frozen DiT already
+    runs in the compute dtype, and under CUDA's autocast its LayerNorms would return fp32, so modulation, RoPE
+    and each projection's input would run in fp32 (at 5B: +26 GiB without --checkpointing, bench/MEMORY.md)
+    with numerics unlike sampling's. lora_linear casts the fp32 LoRA factors to the DiT's dtype."""
     x, text, t, ofs, ref, v = batch
     with amp:
         lora = net(ref)
-        pred = dit(x, text, t, ofs=ofs, lora=lora)
+    pred = dit(x, text, t, ofs=ofs, lora=lora)
     return F.mse_loss(pred.float(), v)
 
 
@@ -214,9 +218,10 @@ def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
             mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
             ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
         else:
-            vid = torch.stack([it[k] for k in ("video", "ref") for it in items]).to(device, dtype)
-            mean, logvar = vae.encode(vid.transpose(1, 2))  # targets then references, [2B,F,3,H,W] -> [2B,3,F,H,W]
-            mean, logvar, ref = mean[:len(items)], logvar[:len(items)], mean[len(items):]
+            # one clip at a time ([F,3,H,W] -> [1,3,F,H,W]): a 49x480x720 encode alone peaks at ~8 GiB
+            enc = lambda v: vae.encode(v.to(device, dtype).transpose(0, 1)[None])
+            mean, logvar = (torch.cat(z) for z in zip(*(enc(it["video"]) for it in items)))
+            ref = torch.cat([enc(it["ref"])[0] for it in items])
         x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
         im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
         img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
@@ -276,7 +281,10 @@ def main(args):
                 memo[caption] = t5(tok([caption]).to(device))[0].cpu()
         return memo[caption]
     empty = embed("")  # caption dropout -> T5(""), diffusers' negative prompt (SAT used an all-zero context)
-    if cache is not None and not args.eval_every:
+    if cache is None and not args.eval_every:  # every caption now, so that T5 leaves the device before the DiT runs
+        for caption in dict.fromkeys(c.caption for c in data.scan(args.data)):
+            embed(caption)
+    if not args.eval_every:
         t5 = None  # T5-XXL is 9.5 GB in bf16; kept only for the validation videos' prompts
 
     # ---- trainable Video2LoRA (fp32 master weights) -------------------------------------------------------

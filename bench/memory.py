@@ -257,7 +257,7 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
         hcfg = hypernet.presets[args.hypernet]
         v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32 already
         names = train.param_names(v2l)
-        train.wrap(dit, args, dtype)
+        train.wrap(dit, args, dtype, v2l)
         opt = train.optimizer(v2l, names, args)
         A = sample.alphas_cumprod(sched).float()
         memo = {}

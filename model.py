@@ -598,28 +598,38 @@ def load_t5(path, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer (tokenizer/spiece.model), ids identical to transformers' T5Tokenizer(padding="max_length",
-# truncation=True): literal special tokens first, sentencepiece on the text between them (each piece
-# gets its own dummy "▁" prefix), truncate to max_length-1, EOS (1), pad with 0.
+# Tokenizer (tokenizer/spiece.model, or tokenizer.json), ids identical to transformers' T5Tokenizer(padding=
+# "max_length", truncation=True): literal special tokens first, sentencepiece on the text between them (each
+# piece gets its own dummy "▁" prefix), truncate to max_length-1, EOS (1), pad with 0.
+
 
 class Tokenizer:
     def __init__(self, path):
-        import sentencepiece as spm
-        f = Path(path) / "spiece.model"
-        if not f.is_file():
-            raise FileNotFoundError(f"no spiece.model in {path} (we read the sentencepiece model, not tokenizer.json)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(f))
-        n_extra = 100
-        cfg = Path(path) / "tokenizer_config.json"
-        if cfg.is_file():
-            n_extra = json.loads(cfg.read_text()).get("extra_ids", 100)
-        n = self.sp.get_piece_size()
-        self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-        self.special.update({f"<extra_id_{i}>": n + n_extra - 1 - i for i in range(n_extra)})  # T5's sentinels
-        alts = sorted(self.special, key=len, reverse=True)
-        self.split = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")").split
+        path, self.tj = Path(path), None
+        if (path / "spiece.model").is_file():  # the official folder
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor(model_file=str(path / "spiece.model"))
+            cfg = path / "tokenizer_config.json"
+            n_extra = json.loads(cfg.read_text()).get("extra_ids", 100) if cfg.is_file() else 100
+            n = self.sp.get_piece_size()
+            self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+            self.special.update({f"<extra_id_{i}>": n + n_extra - 1 - i for i in range(n_extra)})  # T5's sentinels
+            alts = sorted(self.special, key=len, reverse=True)
+            self.split = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")").split
+        elif (path / "tokenizer.json").is_file():
+            # Folders saved by transformers >= 5 hold only tokenizer.json (the sentencepiece model converted to a
+            # Unigram model + normalizer + pre-tokenizer + added tokens); the `tokenizers` package runs it as
+            # transformers' T5Tokenizer does. Truncation, EOS and padding stay ours (__call__).
+            from tokenizers import Tokenizer as JsonTokenizer
+            self.tj = JsonTokenizer.from_file(str(path / "tokenizer.json"))
+            self.tj.no_truncation()
+            self.tj.no_padding()
+        else:
+            raise FileNotFoundError(f"no spiece.model or tokenizer.json in {path}")
 
     def encode(self, text):
+        if self.tj is not None:  # its added tokens (<pad>, </s>, <extra_id_N>) are matched before the model runs
+            return self.tj.encode(text, add_special_tokens=False).ids  # no post-processor: EOS is __call__'s
         ids = []
         for i, part in enumerate(self.split(text)):  # odd positions are the special tokens
             ids += [self.special[part]] if i % 2 else (self.sp.encode(part) if part else [])

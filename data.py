@@ -32,6 +32,15 @@ log = logging.getLogger("data")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The --help style of sample.py, train.py and data.py: the module docstring (its example commands) as the
+    description, and each flag's default after its help unless the default is unset (the help says what then)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        return action.help if d is None or d is False or d == "" or d == [] else super()._get_help_string(action)
+
+
 class VideoError(Exception):
     """A video or image that cannot be used; the message names the file and the reason."""
 
@@ -340,15 +349,36 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
         dist.destroy_process_group()
 
 
+def cli():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="command")
+    c = sub.add_parser("cache", formatter_class=HelpFormatter, help="encode every clip (VAE) and caption (T5) once, "
+                       "for train.py --cache", description="Encode every clip (VAE posterior) and caption (T5) once into "
+                       "--out, for train.py --cache.\nUnder torchrun the ranks split the work; a re-run encodes only "
+                       "what is missing or changed.")
+    c.add_argument("--model", required=True, metavar="DIR", help="CogVideoX I2V folder (the one train.py gets)")
+    c.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
+                   ".csv/.jsonl manifest (video, caption, category)")
+    c.add_argument("--out", required=True, metavar="DIR", help="cache folder, for train.py --cache")
+    c.add_argument("--frames", type=int, help="frames per clip (default: the model's sample_frames, as train.py)")
+    c.add_argument("--fps", type=float, default=8, help="frames read per second of video (as train.py)")
+    c.add_argument("--height", type=int, help="default: the model's sample_height x 8, as train.py")
+    c.add_argument("--width", type=int, help="default: the model's sample_width x 8, as train.py")
+    c.add_argument("--batch", type=int, default=1, help="clips per VAE encode")
+    c.add_argument("--workers", type=int, default=2, help="video decoding processes per rank")
+    c.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
+    return p
+
+
+def model_sizes(model_dir):
+    """(frames, height, width) the model was made for: the defaults of train.py, sample.py and the cache."""
+    import model
+    c = model.DiTConfig.from_dict(model.read_config(Path(model_dir) / "transformer"))
+    return c.sample_frames, c.sample_height * 8, c.sample_width * 8  # every CogVideoX VAE is /8 in space
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="python data.py cache ...: encode every clip (VAE) and caption (T5) once")
-    p.add_argument("cmd", choices=["cache"])
-    for name in ("model", "data", "out"):  # an I2V model folder; a clip folder or manifest; the cache folder
-        p.add_argument(f"--{name}", required=True)
-    for name, typ, default in [("frames", int, 49), ("fps", float, 8), ("height", int, 480), ("width", int, 720),
-                               ("batch", int, 1), ("workers", int, 2)]:  # workers: decoding processes per rank
-        p.add_argument(f"--{name}", type=typ, default=default)
-    p.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
-    a = p.parse_args()
+    a = cli().parse_args()
     logging.basicConfig(format="%(message)s")
-    build_cache(a.model, a.data, a.out, a.frames, a.fps, a.height, a.width, a.batch, a.workers, a.tile)
+    frames, height, width = (x or d for x, d in zip((a.frames, a.height, a.width), model_sizes(a.model)))
+    build_cache(a.model, a.data, a.out, frames, a.fps, height, width, a.batch, a.workers, a.tile)

@@ -2,6 +2,8 @@
 
     python sample.py ref.mp4 img.png --prompt "..." [--model DIR] [--ckpt hypernet.safetensors] [--out out.mp4]
         [--ref more.mp4:0.5] [--offload] [--tile-vae] [--scheduler dpm --dynamic-cfg] ...   (python sample.py -h)
+    python sample.py ref.mp4 img.png --save-lora fx.safetensors     # keep the LoRA the hypernetwork predicted ...
+    python sample.py other.png --lora fx.safetensors                # ... and reuse it without the hypernetwork
 
 Without a reference the output equals diffusers' CogVideoXImageToVideoPipeline for the same seed and settings
 (tests/test_sample.py checks it, and the schedulers bit for bit). Latents: DiT layout B F C H W; the VAE's B C T H W.
@@ -110,10 +112,14 @@ class Pipeline:
         self.dit, self.vae, self.t5, self.tok, self.sched_cfg, self.v2l = dit, vae, t5, tok, sched_cfg, v2l
         self.device, self.dtype, self.offload, self.tile_vae = torch.device(device), dtype, offload, tile_vae
         self.times = {}  # seconds per stage of the last call
+        self.verbose = False  # a line per slow stage (the CLI's progress)
 
     @contextmanager
     def _stage(self, name, module=None):
         """Time a stage; with offload, bring its model to the device only while it runs."""
+        say = self.verbose and module is not None and name != "denoise"  # the frozen models' stages; denoise has a bar
+        if say:
+            print(f"{name} ...", end="", flush=True)
         if self.offload and module is not None:
             module.to(self.device)
         t0 = time.perf_counter()
@@ -123,6 +129,8 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+            if say:
+                print(f" {time.perf_counter() - t0:.1f} s", flush=True)
             if self.offload and module is not None:
                 module.to("cpu")
 
@@ -151,22 +159,17 @@ class Pipeline:
         """refs: a video [F,3,H,W] in [0,1], or a list of (video, weight) -> LoRA dict for the DiT.
         The reference is encoded to the posterior mean, not a sample: the LoRA is then a function of the
         video alone, and the seeded generator keeps diffusers' draw order. Several references blend: the
-        weights are normalised to sum 1 and the k rank-r LoRAs are concatenated along r into one rank-kr
-        LoRA, sum_i w_i x down_i up_i exactly (averaging folded factors would not be)."""
+        weights are normalised to sum 1 (see blend)."""
         if self.v2l is None:
             raise ValueError("a reference needs a hypernetwork checkpoint (ckpt=...)")
-        refs = [(refs, 1.0)] if torch.is_tensor(refs) else list(refs)
-        total, loras = sum(w for _, w in refs), []
-        for video, w in refs:
+        loras = []
+        for video, w in [(refs, 1.0)] if torch.is_tensor(refs) else refs:
             with self._stage("ref->lora", self.vae):
                 mean, _ = self._encode(video.permute(1, 0, 2, 3)[None])  # [F,3,H,W] -> [1,3,F,H,W]
             with self._stage("ref->lora"):
                 z = (mean * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # -> [1,F',C,h,w]
-                loras.append((self.v2l(z.float(), scale=self.v2l.lora.scale * scale), w / total))
-        if len(loras) == 1:
-            return loras[0][0]
-        return {k: (torch.cat([l[k][0] * w for l, w in loras], dim=-1), torch.cat([l[k][1] for l, _ in loras], dim=1))
-                for k in loras[0][0]}
+                loras.append((self.v2l(z.float(), scale=self.v2l.lora.scale * scale), w))
+        return blend(loras)
 
     @torch.no_grad()
     def generate(self, image, prompt="", ref=None, frames=None, height=None, width=None, steps=50,
@@ -230,30 +233,64 @@ class Pipeline:
         return video.float().cpu()
 
 
-def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False):
+def blend(loras):
+    """[(LoRA dict, weight)] -> one LoRA whose effect is sum_i w_i/sum(w) x down_i up_i, exactly: the rank-r_i
+    factors are concatenated along r (averaging folded factors would not be). A layer that a LoRA lacks gets
+    nothing from it. One LoRA goes through it too: cat gives the predicted factors (strided views of the fold) the
+    layout a --lora file has, so a saved LoRA reproduces the reference's video bit for bit, not to rounding."""
+    total = sum(w for _, w in loras)
+    return {k: (torch.cat([l[k][0] * (w / total) for l, w in loras if k in l], dim=-1),
+                torch.cat([l[k][1] for l, _ in loras if k in l], dim=1)) for k in dict.fromkeys(k for l, _ in loras for k in l)}
+
+
+def load_lora(path, dit, device="cpu"):
+    """A --save-lora file (lightlora.save_native) -> LoRA dict, checked against this DiT's linears."""
+    try:
+        lora = lightlora.load_native(path, device)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable LoRA file ({e})") from None
+    mods = dict(dit.named_modules())
+    for name, (down, up) in lora.items():
+        m = mods.get(name)
+        if not (name in dit.lora_names and down.shape[0] == up.shape[0] == 1 and down.shape[2] == up.shape[1]
+                and (down.shape[1], up.shape[2]) == (m.in_features, m.out_features)):
+            raise ValueError(f"{path}: {name} (down {tuple(down.shape)}, up {tuple(up.shape)}) does not fit this "
+                             f"model's DiT: the LoRA was made for another model")
+    return lora
+
+
+def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False, verbose=False):
     """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json"):
         if not (d / sub).exists():  # fail before spending a minute on the 5B weights
             raise FileNotFoundError(f"{d}: not a CogVideoX I2V folder (no {sub})")
+    say = (lambda what: print(f"loading {what}", flush=True)) if verbose else (lambda what: None)
+    say(d / "transformer")  # 5B: ~11 GB in bf16; T5-XXL's ~9.5 GB next
     dit = model.load_dit(d / "transformer", dtype, home)
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
-    try:
-        v2l = hypernet.load(ckpt, dit, device)[0].eval() if ckpt is not None else None
-    except SafetensorError as e:
-        raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
-    return Pipeline(dit, vae_lib.load_vae(d / "vae", dtype, home), model.load_t5(d / "text_encoder", dtype, home),
-                    model.Tokenizer(d / "tokenizer"), json.loads((d / "scheduler/scheduler_config.json").read_text()),
-                    v2l, device, dtype, offload, tile_vae)
+    if ckpt is not None:
+        say(ckpt)
+        try:
+            v2l = hypernet.load(ckpt, dit, device)[0].eval()
+        except SafetensorError as e:
+            raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
+    say(d / "vae")
+    vae = vae_lib.load_vae(d / "vae", dtype, home)
+    say(d / "text_encoder")
+    t5 = model.load_t5(d / "text_encoder", dtype, home)
+    return Pipeline(dit, vae, t5, model.Tokenizer(d / "tokenizer"),
+                    json.loads((d / "scheduler/scheduler_config.json").read_text()), v2l, device, dtype, offload,
+                    tile_vae)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
 
-def _ref_arg(s):
-    """"clip.mp4" or "clip.mp4:0.5" (a weight for blending several references)."""
+def _weighted(s):
+    """"file" or "file:0.5" (a weight for blending with the other references and LoRA files)."""
     path, _, w = s.rpartition(":")
     try:
         return (path, float(w)) if path and not Path(s).exists() else (s, 1.0)
@@ -263,31 +300,36 @@ def _ref_arg(s):
 
 def run(args):
     t0 = time.perf_counter()
-    if len(args.paths) != 2 and not (args.no_ref and len(args.paths) == 1):
-        raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
-    mdir, img = Path(args.model), args.paths[-1]
-    refs = [] if args.no_ref else [_ref_arg(s) for s in args.paths[:1] + args.ref]
+    mdir, img = Path(args.model), args.image
+    refs = [] if args.no_ref else [_weighted(s) for s in [args.ref_video] * bool(args.ref_video) + args.ref]
+    files = [_weighted(s) for s in args.lora]
+    if not (refs or files or args.no_ref):
+        raise ValueError("expected: ref.mp4 img.png (or img.png with --lora FILE or --no-ref)")
     ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
     # check everything cheap before loading the model, so a typo costs no time and writes nothing
-    for path in [img] + [p for p, _ in refs] + ([ckpt] if refs and ckpt else []):
+    for path in [img] + [p for p, _ in refs + files] + ([ckpt] if refs and ckpt else []):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     if not mdir.is_dir():
         raise FileNotFoundError(f"no model at {mdir}/: pass --model DIR")
     if refs and ckpt is None:
         raise FileNotFoundError(f"no hypernetwork at {mdir}/hypernet.safetensors: pass --ckpt FILE or --no-ref")
-    if any(w <= 0 for _, w in refs) or ((args.save_lora or args.export_lora) and not refs):
-        raise ValueError("reference weights must be > 0, and --save-lora/--export-lora need a reference")
+    if any(w <= 0 for _, w in refs + files) or ((args.save_lora or args.export_lora) and not refs + files):
+        raise ValueError("weights must be > 0, and --save-lora/--export-lora need a reference or --lora")
     for out in (args.out, args.save_lora, args.export_lora):
         if out and not Path(out).resolve().parent.is_dir():
             raise FileNotFoundError(f"{out}: its folder does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device == "cpu" else "bf16")]
 
-    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
+    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, verbose=True)
+    pipe.verbose = True
     if device == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
     frames, height, width = pipe.sizes(args.frames, args.height, args.width)
+    # a LoRA file's up factor takes --lora-scale as the hypernetwork's prediction does (its up carries the scale)
+    loras = [({k: (d, u * args.lora_scale) for k, (d, u) in load_lora(path, pipe.dit, pipe.device).items()}, w)
+             for path, w in files]
     image, videos = (data.read_image(img, height, width) + 1) / 2, []
     for path, w in refs:
         v, n = data.read_video(path, frames, fps=8, height=height, width=width, allow_short=True)
@@ -299,7 +341,8 @@ def run(args):
         videos.append(((v[:keep] + 1) / 2, w))
     times = {"load": time.perf_counter() - t0}
 
-    lora = pipe.reference_lora(videos, args.lora_scale) if videos else None
+    loras = [(pipe.reference_lora(v, args.lora_scale), w) for v, w in videos] + loras  # references first
+    lora = blend(loras) if loras else None
     times.update(pipe.times)
     video = pipe.generate(image, args.prompt, frames=frames, height=height, width=width, steps=args.steps,
                           guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, scheduler=args.scheduler,
@@ -307,39 +350,54 @@ def run(args):
     times.update(pipe.times)
     t1 = time.perf_counter()
     data.write_video(args.out, video, fps=8)  # atomic, like the two LoRA writers
+    wrote = [f"{args.out} ({frames}x{height}x{width}, 8 fps)"]
     if args.save_lora:
         lightlora.save_native(args.save_lora, lora)
+        wrote.append(f"{args.save_lora} (LoRA for --lora)")
     if args.export_lora:
         lightlora.export_diffusers(args.export_lora, lora)
+        wrote.append(f"{args.export_lora} (diffusers LoRA)")
     times["write"] = time.perf_counter() - t1
-    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) |", " ".join(f"{k} {t:.1f}s" for k, t in times.items()))
+    print(f"wrote {', '.join(wrote)} in {time.perf_counter() - t0:.1f} s |",
+          " ".join(f"{k} {t:.1f}s" for k, t in times.items()))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Image-to-video with the motion/effect of a reference video.")
-    p.add_argument("paths", nargs="+", metavar="ref.mp4 img.png", help="reference video, then the first frame")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--model", default="assets", help="CogVideoX I2V folder (default assets/)")
-    p.add_argument("--ckpt", help="hypernetwork checkpoint (default <model>/hypernet.safetensors)")
-    p.add_argument("--out", default="out.mp4")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p.add_argument("ref_video", nargs="?", metavar="ref.mp4", help="reference video whose effect the output takes "
+                   "(read at 8 fps; a longer one is cut, a shorter one is used up to its last 8k+1 frames)")
+    p.add_argument("image", metavar="img.png", help="the first frame of the output (any size: covered, centre-cropped)")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text prompt (the negative prompt is empty)")
+    p.add_argument("--model", default="assets", metavar="DIR", help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ ...)")
+    p.add_argument("--ckpt", metavar="FILE", help="hypernetwork checkpoint, e.g. a training run's ckpt-*.safetensors "
+                   "(default: <model>/hypernet.safetensors)")
+    p.add_argument("--out", default="out.mp4", metavar="FILE", help="output video (H.264)")
     p.add_argument("--frames", type=int, help="8k+1 (default: the model's sample_frames)")
-    for size in ("--height", "--width"):  # default: the model's sample size
-        p.add_argument(size, type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--height", type=int, help="multiple of 16 (default: the model's sample_height x 8)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default: the model's sample_width x 8)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--ref", action="append", default=[], help="another reference to blend, PATH or PATH:WEIGHT")
-    p.add_argument("--no-ref", action="store_true", help="the base I2V model, no LoRA")
-    p.add_argument("--save-lora", help="the predicted LoRA in our native format")
-    p.add_argument("--export-lora", help="the predicted LoRA as a diffusers load_lora_weights file")
-    p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same seed gives diffusers' video)")
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim", help="CogVideoX DDIM or DPM-Solver++(2M)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every LoRA (references and --lora files)")
+    p.add_argument("--ref", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="another reference to blend (repeatable); weights are normalised over all references and "
+                        "--lora files, 1 when not given")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA written by --save-lora, applied without the hypernetwork (repeatable, blends with "
+                        "the references like --ref)")
+    p.add_argument("--no-ref", action="store_true", help="ignore reference videos: the base I2V model, or only the "
+                   "--lora files")
+    p.add_argument("--save-lora", metavar="FILE", help="write the LoRA used (the blend) for reuse with --lora")
+    p.add_argument("--export-lora", metavar="FILE", help="write the LoRA used as a diffusers file "
+                   "(CogVideoXImageToVideoPipeline.load_lora_weights)")
+    p.add_argument("--offload", action="store_true", help="keep only the running stage's model (T5, DiT, VAE) on "
+                   "the GPU")
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
-    args = p.parse_args(argv)
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    args = p.parse_intermixed_args(argv)  # so `sample.py ref.mp4 --steps 20 img.png` works too
     try:
         run(args)
     except (OSError, ValueError, data.VideoError) as e:

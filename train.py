@@ -5,7 +5,8 @@
     torchrun ... (same arguments) --resume        # continue exactly from the newest RUN/ckpt-*.safetensors
     python sample.py ref.mp4 img.png --model ... --ckpt runs/v2l/ckpt-020000.safetensors
 
-Objective = the official CogVideoX I2V training (cogvideox-spec §4.2): v-prediction MSE at t ~ U{0..999};
+Objective = the official CogVideoX I2V training (diffusers' examples/cogvideo/train_cogvideox_image_to_video_lora.py,
+SAT's finetuning): v-prediction MSE at t ~ U{0..999};
 image condition = the first frame + exp(N(-3, 0.5^2)) pixel noise, VAE-encoded and zero-padded over the
 latent frames; the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward.
 Layouts: DiT B F C H W, VAE B C T H W. Every random draw of a sample comes from a generator seeded by
@@ -38,46 +39,56 @@ import model
 import sample
 import vae as vae_lib
 
-p = argparse.ArgumentParser(description="train Video2LoRA on a frozen CogVideoX I2V model")
-p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ ...)")
-p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest")
-p.add_argument("--cache", help="folder built by `python data.py cache` with the same frames/fps/size")
-p.add_argument("--out", required=True, help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
-p.add_argument("--steps", type=int, default=20000)
-p.add_argument("--batch-size", type=int, default=1, help="per process")
-p.add_argument("--lr", type=float, default=1e-4, help="the paper's (the authors' code ran 1e-5)")
+p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+p.add_argument("--model", required=True, metavar="DIR",
+               help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. assets")
+p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
+               ".csv/.jsonl manifest (video, caption, category)")
+p.add_argument("--cache", metavar="DIR", help="folder built by `python data.py cache` with the same frames/fps/size "
+               "(default: no cache, the VAE and T5 encode every step)")
+p.add_argument("--out", required=True, metavar="DIR",
+               help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
+p.add_argument("--steps", type=int, default=20000, help="total optimizer steps (the paper: ~20K on 8 GPUs)")
+p.add_argument("--batch-size", type=int, default=1, help="clips per process and step")
+p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (the paper's; the authors' code ran 1e-5)")
 p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
 p.add_argument("--trunk-lr-scale", type=float, default=0.1,
                help="the hypernet trunk's lr as a fraction of --lr (its heads and the aux factors take --lr): at the "
                     "full lr the trunk learned to ignore the reference, one LoRA for every video (bench/RESULTS.md)")
 p.add_argument("--cosine", action="store_true", help="cosine decay to 0 after warmup (default: constant)")
-p.add_argument("--weight-decay", type=float, default=0.03, help="as the authors' code")
+p.add_argument("--weight-decay", type=float, default=0.03, help="AdamW weight decay (as the authors' code)")
 p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm over all trainable parameters")
-p.add_argument("--frames", type=int, help="default: the model's sample_frames")
+p.add_argument("--frames", type=int, help="frames per clip, 8k+1 (default: the model's sample_frames)")
 p.add_argument("--height", type=int, help="default: the model's sample_height x 8")
 p.add_argument("--width", type=int, help="default: the model's sample_width x 8")
-p.add_argument("--fps", type=float, default=8)
-p.add_argument("--hypernet", default="default", help="hypernet.py preset")
+p.add_argument("--fps", type=float, default=8, help="frames read per second of video (longer clips: the first "
+               "frames/fps seconds)")
+p.add_argument("--hypernet", default="default", choices=sorted(hypernet.presets),
+               help="hypernet.py preset: default (the paper's size, for the real model), toy (the toy model in "
+                    "assets/), tiny (tests)")
 p.add_argument("--k", type=int, help="refinement passes (default: the preset's)")
-p.add_argument("--a", type=int, default=100)
-p.add_argument("--b", type=int, default=50)
-p.add_argument("--r", type=int, default=1)
-p.add_argument("--layers", choices=("attn", "all"), default="attn")
+p.add_argument("--a", type=int, default=100, help="LightLoRA input-side aux rank (A_aux [a, d_in])")
+p.add_argument("--b", type=int, default=50, help="LightLoRA output-side aux rank (B_aux [d_out, b])")
+p.add_argument("--r", type=int, default=1, help="rank of the predicted LoRA per video")
+p.add_argument("--layers", choices=("attn", "all"), default="attn",
+               help="adapted DiT linears: attention q/k/v/out, or every linear of the blocks")
 p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty prompt's T5 embedding")
-p.add_argument("--log-every", type=int, default=1)
-p.add_argument("--save-every", type=int, default=400)
+p.add_argument("--log-every", type=int, default=10, help="a log line every N steps (and at the first and last; "
+               "metrics.jsonl has every step)")
+p.add_argument("--save-every", type=int, default=400, help="checkpoint every N steps (and at the end)")
 p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints")
 p.add_argument("--eval-every", type=int, default=0, help="sample validation videos every N steps (0: never)")
 p.add_argument("--eval-data", help="held-out clips for validation (default: the first training clips)")
-p.add_argument("--eval-n", type=int, default=2)
+p.add_argument("--eval-n", type=int, default=2, help="validation videos per evaluation")
 p.add_argument("--eval-steps", type=int, default=20, help="denoising steps of a validation video")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+p.add_argument("--seed", type=int, default=0, help="init, data order, pairing and every per-sample draw")
+p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out "
+               "(the model and data flags stored in it win over those given now)")
 p.add_argument("--fsdp", action="store_true", help="shard the frozen DiT per block with FSDP2 (needs torchrun)")
 p.add_argument("--checkpointing", action="store_true", help="recompute each DiT block's activations in backward")
 p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
 p.add_argument("--num-workers", type=int, default=2, help="video decoding processes per rank")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 # bf16 is what the 5B models were trained in; on CPU bf16 matmuls are slow and fp32 keeps tests tight.
 p.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen models (default: bf16 on cuda, fp32 on cpu)")
 p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
@@ -266,8 +277,13 @@ def main(args):
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         changed = {k: (v, getattr(args, k)) for k, v in meta["args"].items()
                    if k not in ("steps", "resume", "out") and getattr(args, k, v) != v}
+        # the model is built from the checkpoint whatever its flags say now; every other flag takes the value given now
+        arch, flag = ("hypernet", "k", "a", "b", "r", "layers"), lambda k: "--" + k.replace("_", "-")
+        kept = [f"{flag(k)} {v} (given {now})" for k, (v, now) in changed.items() if k in arch]
+        new = [f"{flag(k)} {v} -> {now}" for k, (v, now) in changed.items() if k not in arch]
         print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})"
-               + (f"; changed arguments (checkpoint, now): {changed}" if changed else ""))
+               + (f"; the checkpoint's model is kept: {', '.join(kept)}" if kept else "")
+               + (f"; changed from the checkpoint's: {', '.join(new)}" if new else ""))
         if RANK == 0 and (run / "metrics.jsonl").is_file():  # drop lines logged after that checkpoint
             lines = (run / "metrics.jsonl").read_text().splitlines()
             (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
@@ -345,7 +361,7 @@ def main(args):
     # ---- loop -----------------------------------------------------------------------------------------------
     metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
-    bad_in_row, stop = 0, False
+    bad_in_row, stop, t_start = 0, False, time.perf_counter()
     while step < args.steps and not stop:
         t0 = time.perf_counter()
         step += 1
@@ -385,7 +401,7 @@ def main(args):
             metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % args.log_every == 0:
+        if step % args.log_every == 0 or step in (1, args.steps) or stop:
             print0(f"step {step} | loss {loss_avg:.4f} | lr {lr:.2e} | {dt:.2f} s/step | "
                    f"{rec['videos_per_s']:.2f} videos/s | mem {mem:.1f} GB")
         if bad_in_row >= args.max_bad_steps:
@@ -398,6 +414,13 @@ def main(args):
         if args.eval_every and step % args.eval_every == 0:
             validate()
     bar.close()
+    last, took = checkpoints(run), time.perf_counter() - t_start
+    took = f"{took / 3600:.2f} h" if took > 3600 else f"{took:.0f} s"
+    print0(f"{'stopped' if stop else 'done'}: step {step} of {args.steps} in {took} ({skipped} steps skipped); "
+           f"last checkpoint {last[-1] if last else '(none)'}; metrics per step in {run / 'metrics.jsonl'}"
+           + (f"; unusable clips in {run / 'bad_clips.txt'}" if (run / "bad_clips.txt").is_file() else ""))
+    if last and not stop:
+        print0(f"sample with it: python sample.py REF.mp4 IMAGE.png --model {args.model} --ckpt {last[-1]}")
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()

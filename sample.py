@@ -362,7 +362,7 @@ def run(args):
           " ".join(f"{k} {t:.1f}s" for k, t in times.items()))
 
 
-def main(argv=None):
+def cli():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("ref_video", nargs="?", metavar="ref.mp4", help="reference video whose effect the output takes "
                    "(read at 8 fps; a longer one is cut, a shorter one is used up to its last 8k+1 frames)")
@@ -397,7 +397,11 @@ def main(argv=None):
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    args = p.parse_intermixed_args(argv)  # so `sample.py ref.mp4 --steps 20 img.png` works too
+    return p
+
+
+def main(argv=None):
+    args = cli().parse_intermixed_args(argv)  # so `sample.py ref.mp4 --steps 20 img.png` works too
     try:
         run(args)
     except (OSError, ValueError, data.VideoError) as e:

@@ -352,10 +352,11 @@ def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, b
 def cli():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="command")
-    c = sub.add_parser("cache", formatter_class=HelpFormatter, help="encode every clip (VAE) and caption (T5) once, "
-                       "for train.py --cache", description="Encode every clip (VAE posterior) and caption (T5) once into "
-                       "--out, for train.py --cache.\nUnder torchrun the ranks split the work; a re-run encodes only "
-                       "what is missing or changed.")
+    c = sub.add_parser("cache", formatter_class=HelpFormatter,
+                       help="encode every clip (VAE) and caption (T5) once, for train.py --cache",
+                       description="Encode every clip (VAE posterior) and caption (T5) once into --out, for train.py "
+                       "--cache.\nUnder torchrun the ranks split the work; a re-run encodes only what is missing or "
+                       "changed.")
     c.add_argument("--model", required=True, metavar="DIR", help="CogVideoX I2V folder (the one train.py gets)")
     c.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
                    ".csv/.jsonl manifest (video, caption, category)")

@@ -238,9 +238,9 @@ def blend(loras):
     factors are concatenated along r (averaging folded factors would not be). A layer that a LoRA lacks gets
     nothing from it. One LoRA goes through it too: cat gives the predicted factors (strided views of the fold) the
     layout a --lora file has, so a saved LoRA reproduces the reference's video bit for bit, not to rounding."""
-    total = sum(w for _, w in loras)
+    total, names = sum(w for _, w in loras), dict.fromkeys(k for l, _ in loras for k in l)
     return {k: (torch.cat([l[k][0] * (w / total) for l, w in loras if k in l], dim=-1),
-                torch.cat([l[k][1] for l, _ in loras if k in l], dim=1)) for k in dict.fromkeys(k for l, _ in loras for k in l)}
+                torch.cat([l[k][1] for l, _ in loras if k in l], dim=1)) for k in names}
 
 
 def load_lora(path, dit, device="cpu"):
@@ -368,7 +368,8 @@ def cli():
                    "(read at 8 fps; a longer one is cut, a shorter one is used up to its last 8k+1 frames)")
     p.add_argument("image", metavar="img.png", help="the first frame of the output (any size: covered, centre-cropped)")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text prompt (the negative prompt is empty)")
-    p.add_argument("--model", default="assets", metavar="DIR", help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ ...)")
+    p.add_argument("--model", default="assets", metavar="DIR",
+                   help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ ...)")
     p.add_argument("--ckpt", metavar="FILE", help="hypernetwork checkpoint, e.g. a training run's ckpt-*.safetensors "
                    "(default: <model>/hypernet.safetensors)")
     p.add_argument("--out", default="out.mp4", metavar="FILE", help="output video (H.264)")

@@ -60,24 +60,26 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
         assert r.returncode == 0, f"{' '.join(argv)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out.setdefault(argv[1], []).append(r.stdout)
     assert len(list((tmp_path / "clips").glob("*/*.mp4"))) == 17  # one clip of each seen category
+    size = data.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
     cache = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert (cache["settings"]["frames"], cache["settings"]["height"], cache["settings"]["width"]) == (9, 64, 64)
+    assert tuple(cache["settings"][k] for k in ("frames", "height", "width")) == size
     log = out["train.py"][0]
     assert "step 1 |" in log and "step 2 |" in log and "done: step 2 of 2" in log, log
     assert f"last checkpoint {tmp_path}/run/ckpt-000002.safetensors" in log, log
     last = out["sample.py"][0].strip().splitlines()[-1]
-    assert last.startswith(f"wrote {walk}out.mp4 (9x64x64, 8 fps), {walk}fade.safetensors") and " s | " in last, last
-    assert _frames(tmp_path / "out.mp4").shape == _frames(tmp_path / "out2.mp4").shape == (9, 64, 64, 3)
+    assert last.startswith(f"wrote {walk}out.mp4 ({size[0]}x{size[1]}x{size[2]}, 8 fps), {walk}fade.safetensors")
+    assert " s | " in last, last
+    assert _frames(tmp_path / "out.mp4").shape == _frames(tmp_path / "out2.mp4").shape == (*size, 3)
 
     monkeypatch.chdir(ROOT)  # the examples use assets/ and the walkthrough's files, as a reader would
     api = shorten(readme_block("## Python API", "python"), [
         ("steps=50", "steps=2"), ("ckpt-001500", "ckpt-000002"), ("walk/", walk)])
     exec(compile(api, "README: Python API", "exec"), {})
-    assert _frames(tmp_path / "api.mp4").shape == (9, 64, 64, 3)
+    assert _frames(tmp_path / "api.mp4").shape == (*size, 3)
     diff = shorten(readme_block("## Reusable LoRAs and diffusers", "python"), [
         ("num_inference_steps=50", "num_inference_steps=2"), ("walk/", walk)])
     exec(compile(diff, "README: diffusers", "exec"), {})
-    assert _frames(tmp_path / "diffusers.mp4").shape == (9, 64, 64, 3)
+    assert _frames(tmp_path / "diffusers.mp4").shape == (*size, 3)
 
 
 def _parsers():

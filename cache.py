@@ -86,6 +86,9 @@ class Cache:
 
     def check(self, model_dir):
         """ValueError unless the cache was built with this model's VAE and text encoder."""
+        if "vae" not in self.settings:
+            raise ValueError(f"--cache {self.root} was built by an older data.py, which did not record the model: "
+                             f"rebuild it with `python cache.py --model {model_dir} ...`")
         want, have = depends(model_dir), dict(vae=self.settings.get("vae"), text=getattr(self, "text_model", None))
         if bad := [k for k in ("vae", "text") if have[k] != want[k]]:
             what = " and ".join({"vae": "VAE", "text": "text encoder/tokenizer"}[k] for k in bad)

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cache as cache_lib
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def cache(tiny_model_dir, clips, tmp_path_factory):
     out, threads = tmp_path_factory.mktemp("cache"), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: a second (shared, busy) core only adds OpenMP spinning
     try:
-        data.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
+        cache_lib.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
     finally:
         torch.set_num_threads(threads)
     return out

@@ -160,3 +160,42 @@ def test_scripts_exit_2(world, tiny_model_dir):
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
     assert not (world / "new").exists() and not (world / "c").exists()
+
+
+def _notes(capsys, argv):
+    code = sample.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.err
+
+
+def test_reference_span_and_ref_start(capsys, world, tiny_model_dir, tmp_path):
+    """A reference longer than the model's frames: the CLI says which span it reads; --ref-start moves it."""
+    long = tmp_path / "long.mp4"
+    data.write_video(long, _video(24))  # 3 s at 8 fps; the tiny model reads 9 frames = 1.12 s
+    err = _notes(capsys, _sample(world, tiny_model_dir, out=tmp_path / "a.mp4", paths=[str(long), str(world / "img.png")]))
+    assert "lasts 3.00 s" in err and "using 0.00-1.12 s" in err and "--ref-start" in err, err
+    err = _notes(capsys, _sample(world, tiny_model_dir, "--ref-start", "1.5", out=tmp_path / "b.mp4",
+                                 paths=[str(long), str(world / "img.png")]))
+    assert "using 1.50-2.62 s" in err, err
+    assert sample.main(_sample(world, tiny_model_dir, "--ref-start", "2.5", out=tmp_path / "c.mp4",
+                               paths=[str(long), str(world / "img.png")])) == 2
+    assert "4 frames at 8 fps from 2.5 s on" in capsys.readouterr().err
+
+
+def test_far_from_native_size_warns(capsys, world, tiny_model_dir, tmp_path):
+    """--frames far from what the model was made for runs (RoPE models take any size) but says so first."""
+    import model
+    m = tmp_path / "rope"
+    shutil.copytree(tiny_model_dir, m)
+    cfg = json.loads((m / "transformer" / "config.json").read_text())
+    (m / "transformer" / "config.json").write_text(json.dumps(dict(cfg, use_learned_positional_embeddings=False)))
+    f = next((m / "transformer").glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(str(f)).items() if k != "patch_embed.pos_embedding"}, str(f))
+    shutil.copy(world / "hn.safetensors", m / "hypernet.safetensors")
+    err = _notes(capsys, [str(world / "img.png"), "--no-ref", "--model", str(m), "--out", str(tmp_path / "o.mp4"),
+                          "--steps", "1", "--device", "cpu", "--frames", "25"])
+    assert "warning: 25x64x96" in err and "far from the 9x64x96" in err, err
+    err = _notes(capsys, [str(world / "img.png"), "--no-ref", "--model", str(m), "--out", str(tmp_path / "o.mp4"),
+                          "--steps", "1", "--device", "cpu", "--frames", "17"])
+    assert "warning" not in err, err

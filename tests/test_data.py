@@ -74,6 +74,17 @@ def test_timestamp_sampling(tmp_path):
     assert frame_ids(data.read_video(p, frames=7, fps=8, height=H, width=W), table) == [0, 3, 6, 9, 12, 15, 18]
 
 
+def test_start_offset(tmp_path):
+    """read_video(start=s) reads the span from s seconds on (sample.py --ref-start); past the end is an error."""
+    p = data.write_video(tmp_path / "a8.mp4", ramp(24), fps=8)
+    table = data.read_video(p, frames=24, fps=8, height=H, width=W).mean((1, 2, 3))
+    assert frame_ids(data.read_video(p, frames=9, fps=8, height=H, width=W, start=1.0), table) == list(range(8, 17))
+    assert frame_ids(data.read_video(p, frames=4, fps=4, height=H, width=W, start=0.5), table) == [4, 6, 8, 10]
+    assert data.duration(p) == pytest.approx(3.0)
+    with pytest.raises(data.VideoError, match="starts past its end: 5 s into a 3.00 s video"):
+        data.read_video(p, frames=9, fps=8, height=H, width=W, start=5)
+
+
 def test_resize_cover_crop(tmp_path):
     p = data.write_video(tmp_path / "x.mp4", ramp(9), fps=8)
     v = data.read_video(p, frames=9, fps=8, height=32, width=32)  # 64x96 -> 32x48 -> centre 32x32

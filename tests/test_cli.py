@@ -199,3 +199,18 @@ def test_far_from_native_size_warns(capsys, world, tiny_model_dir, tmp_path):
     err = _notes(capsys, [str(world / "img.png"), "--no-ref", "--model", str(m), "--out", str(tmp_path / "o.mp4"),
                           "--steps", "1", "--device", "cpu", "--frames", "17"])
     assert "warning" not in err, err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_follow_the_umask(tmp_path, umask):
+    """Checkpoints, cache files and LoRA exports (all through lightlora.save_atomic) were 0600 whatever the
+    umask, so teammates on a shared cluster could not read them; videos already followed it."""
+    import lightlora
+    old = os.umask(umask)
+    try:
+        lightlora.save_atomic({"a": torch.zeros(2)}, tmp_path / "x.safetensors", {"format": "pt"})
+        data.write_video(tmp_path / "v.mp4", _video(1))
+    finally:
+        os.umask(old)
+    for f in ("x.safetensors", "v.mp4"):
+        assert oct((tmp_path / f).stat().st_mode & 0o777) == oct(0o666 & ~umask), f

@@ -149,7 +149,10 @@ def write_video(path, video, fps=8, crf=18):
     try:
         with av.open(str(tmp), "w") as c:
             s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", {"crf": str(crf)}
+            # a fixed thread count: x264's output depends on it, and by default it follows the CPUs this process
+            # may use, so the same frames gave different files on different machines or under taskset/cgroups
+            opts = {"crf": str(crf), "threads": "4"}
+            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", opts
             for frame in x:
                 c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             c.mux(s.encode(None))

@@ -214,3 +214,20 @@ def test_files_follow_the_umask(tmp_path, umask):
         os.umask(old)
     for f in ("x.safetensors", "v.mp4"):
         assert oct((tmp_path / f).stat().st_mode & 0o777) == oct(0o666 & ~umask), f
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to vary the encoder's default threads")
+def test_same_frames_same_file(tmp_path):
+    """The same frames must give the same file: x264's default thread count follows the CPUs the process may use,
+    and its output depends on it, so a run on another machine (or under taskset / a cgroup) wrote other pixels."""
+    import hashlib
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.interpolate(torch.rand(33, 3, 16, 24, generator=g), (192, 288), mode="bilinear")
+    cpus, digests = os.sched_getaffinity(0), []
+    try:
+        for allowed in ({min(cpus)}, cpus):
+            os.sched_setaffinity(0, allowed)
+            digests.append(hashlib.sha1(data.write_video(tmp_path / "v.mp4", v).read_bytes()).hexdigest())
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert digests[0] == digests[1]

@@ -43,7 +43,7 @@ p = data.Parser(description="train Video2LoRA on a frozen CogVideoX I2V model")
 num = data.number
 p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ ...)")
 p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest")
-p.add_argument("--cache", help="folder built by `python data.py cache` with the same frames/fps/size")
+p.add_argument("--cache", help="folder built by `python cache.py` from this --model with the same frames/fps/size")
 p.add_argument("--out", required=True, help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
 p.add_argument("--steps", type=num(int, 1), default=20000)
 p.add_argument("--batch-size", type=num(int, 1), default=1, help="per process")

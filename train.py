@@ -97,24 +97,20 @@ def print0(*a):
 
 
 def on_signal(signum, frame):
-    """SIGTERM/SIGINT: in the loop, save after this step and exit 128+signum; during set-up (nothing to save,
-    and loading a 5B model takes minutes) or at a second signal, stop at once."""
+    """In the loop: save after this step, exit 128+signum. During set-up (nothing to save; loading 5B takes
+    minutes) or at a second signal: stop at once."""
     name = signal.Signals(signum).name
     if PHASE[0] == "set-up" or STOP:
-        if RANK == 0:
-            print(f"{name}: stopping now, nothing saved" + (" during set-up" if PHASE[0] == "set-up" else ""),
-                  file=sys.stderr, flush=True)
+        print0(f"{name}: stopping now, nothing saved" + (" during set-up" if PHASE[0] == "set-up" else ""))
         raise SystemExit(128 + signum)
     print0(f"{name}: saving a checkpoint after this step, then exiting (send it again to stop at once)")
     STOP.append(signum)
 
 
 def own_process_group(worker_id):
-    """DataLoader workers leave the rank's process group: torchrun sends SIGTERM to the whole group (and a
-    terminal's Ctrl-C reaches the whole foreground group), but only the rank's main process should act on it
-    (finish the step, save). They keep the default handlers, so the DataLoader and multiprocessing can still
-    end them; ignoring SIGTERM instead made the interpreter's exit wait for them forever after any error.
-    They also exit on their own within 5 s when the rank's process dies (the DataLoader's parent watchdog)."""
+    """DataLoader workers leave the rank's process group, which torchrun's SIGTERM (and Ctrl-C) reaches: only the
+    rank acts on it (finish the step, save). Ignoring SIGTERM instead made the exit after any error wait for them
+    forever; with default handlers the DataLoader can end them, and they exit when the rank dies (its watchdog)."""
     os.setpgrp()
 
 
@@ -167,10 +163,10 @@ def posterior(mean, logvar, eps):
 
 
 def check(args):
-    """Every check that needs no weights, before anything is loaded or created: a mistake costs seconds and
-    leaves no run folder behind. -> (frames, height, width)."""
-    device = sample.check_device(args.device if args.device or WORLD == 1 or not torch.cuda.is_available()
-                                 else f"cuda:{LOCAL}")
+    """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w))."""
+    device = sample.check_device(args.device)
+    if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
+        device = sample.check_device(f"cuda:{LOCAL}")
     if args.fsdp and WORLD == 1:
         raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
     if args.hypernet not in hypernet.presets:
@@ -184,25 +180,21 @@ def check(args):
     if (size[0] - 1) % 4 or size[1] % 16 or size[2] % 16:
         raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got {'x'.join(map(str, size))}")
     if (cfg.use_learned_positional_embeddings and size != native) or (cfg.patch_size_t and size[1:] > native[1:]):
-        raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width; its "
-                         f"positional table is fixed), got {'x'.join(map(str, size))}: leave --frames/--height/"
-                         f"--width out")
+        raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width), got "
+                         f"{'x'.join(map(str, size))}: leave --frames/--height/--width out")
     data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
     if args.eval_data:
         data.scan(args.eval_data)
     if args.cache:
-        c = cache_lib.Cache(args.cache)
-        c.check(mdir)
+        (c := cache_lib.Cache(args.cache)).check(mdir)
         want = dict(frames=size[0], fps=args.fps, height=size[1], width=size[2])
-        if {k: c.settings.get(k) for k in want} != want:
-            have = {k: c.settings.get(k) for k in want}
+        if (have := {k: c.settings.get(k) for k in want}) != want:
             raise ValueError(f"--cache {args.cache} was built for {have}, this run wants {want}: rebuild it (python "
                              f"cache.py --model {mdir} --data {args.data} --out DIR) or match its settings")
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"--out {run}: exists and is not a folder")
     if (found := checkpoints(run)) and not args.resume:
-        raise FileExistsError(f"--out {run} already holds {found[-1].name}: pass --resume to continue it, or "
-                              f"choose a new --out")
+        raise FileExistsError(f"--out {run} holds {found[-1].name}: pass --resume to continue it, or a new --out")
     data.check_writable(run / "metrics.jsonl", "--out")
     return device, size
 
@@ -459,8 +451,7 @@ def main(args):
 
 
 def cli(argv=None):
-    """-> exit status. A user's mistake found during set-up is one line on stderr and status 2; an error in the
-    training loop is a crash (traceback, status 1); a signal in the loop saves first (status 128 + signal)."""
+    """-> 0, or 2 for a mistake found in set-up (one line); a crash in the loop is a traceback and status 1."""
     args = p.parse_args(argv)
     run = Path(args.out)
     made = not run.exists()

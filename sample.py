@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import av
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -99,6 +100,22 @@ def dynamic_guidance(g, t, steps):
 # Pipeline
 
 
+def sizes(c, frames=None, height=None, width=None):
+    """(frames, height, width) for a DiT config: defaults from it; ValueError for what the model cannot take."""
+    native = (c.sample_frames, c.sample_height * 8, c.sample_width * 8)
+    frames, height, width = frames or native[0], height or native[1], width or native[2]
+    if frames < 1 or (frames - 1) % 8:
+        raise ValueError(f"frames must be 8k+1 (the VAE encodes a 9-frame chunk, then 8-frame ones), got {frames}")
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise ValueError(f"height and width must be multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}")
+    if c.use_learned_positional_embeddings and (frames, height, width) != native:
+        raise ValueError("this model's learned positional embedding only takes %dx%dx%d (frames x height x "
+                         "width), got %dx%dx%d" % (native + (frames, height, width)))
+    if c.patch_size_t and (height > c.sample_height * 8 or width > c.sample_width * 8):  # 1.5: RoPE table size
+        raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position grid")
+    return frames, height, width
+
+
 class Pipeline:
     """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA (which stays
     on the device: it is small). offload: the frozen models live on the CPU and each goes to the device only
@@ -131,20 +148,7 @@ class Pipeline:
         return self.vae.encode((2.0 * x - 1.0).to(self.device, self.dtype))  # logvar comes clamped
 
     def sizes(self, frames=None, height=None, width=None):
-        """Defaults from the transformer config; ValueError for what the model cannot take."""
-        c = self.dit.config
-        native = (c.sample_frames, c.sample_height * 8, c.sample_width * 8)
-        frames, height, width = frames or native[0], height or native[1], width or native[2]
-        if frames < 1 or (frames - 1) % 8:
-            raise ValueError(f"frames must be 8k+1 (the VAE encodes a 9-frame chunk, then 8-frame ones), got {frames}")
-        if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}")
-        if c.use_learned_positional_embeddings and (frames, height, width) != native:
-            raise ValueError("this model's learned positional embedding only takes %dx%dx%d (frames x height x "
-                             "width), got %dx%dx%d" % (native + (frames, height, width)))
-        if c.patch_size_t and (height > c.sample_height * 8 or width > c.sample_width * 8):  # 1.5: RoPE table size
-            raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position grid")
-        return frames, height, width
+        return sizes(self.dit.config, frames, height, width)
 
     @torch.no_grad()
     def reference_lora(self, refs, scale=1.0):
@@ -230,12 +234,21 @@ class Pipeline:
         return video.float().cpu()
 
 
+def check_model_dir(d, option="--model"):
+    """FileNotFoundError unless `d` has an I2V folder's parts: fail before spending a minute on the 5B weights."""
+    if not Path(d).is_dir():
+        raise FileNotFoundError(f"no model at {d}/: pass {option} the folder of a CogVideoX I2V model")
+    for sub in ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                "scheduler/scheduler_config.json"):
+        if not (Path(d) / sub).exists():
+            raise FileNotFoundError(f"{option} {d}: not a CogVideoX I2V folder (no {sub}; expected the layout of "
+                                    f"THUDM/CogVideoX-5b-I2V)")
+
+
 def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False):
     """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler/scheduler_config.json"):
-        if not (d / sub).exists():  # fail before spending a minute on the 5B weights
-            raise FileNotFoundError(f"{d}: not a CogVideoX I2V folder (no {sub})")
+    check_model_dir(d)
     dit = model.load_dit(d / "transformer", dtype, home)
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
@@ -255,47 +268,107 @@ def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=Fals
 def _ref_arg(s):
     """"clip.mp4" or "clip.mp4:0.5" (a weight for blending several references)."""
     path, _, w = s.rpartition(":")
-    try:
-        return (path, float(w)) if path and not Path(s).exists() else (s, 1.0)
-    except ValueError:
+    if not path or Path(s).exists() or not Path(path).exists():
         return s, 1.0
+    try:
+        return path, data.number(float, 1e-12)(w)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"reference {s}: the weight after ':' must be a finite number > 0, got {w!r}") from None
+
+
+def check_device(name):
+    """-> the torch device for --device (default: cuda when there is one); ValueError naming what exists."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    n = torch.cuda.device_count() if dev.type == "cuda" else 1
+    if dev.type not in ("cpu", "cuda") or (dev.index or 0) >= n:
+        have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+        raise ValueError(f"--device {name}: not available on this machine (have: {have})")
+    return dev
+
+
+OUT_EXTS = (".mp4", ".mov", ".mkv", ".m4v")  # containers that take H.264, which write_video encodes
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_args(args):
+    """Everything that can be checked before loading the model, so a typo costs no time and writes nothing."""
+    if len(args.paths) != 2 and not (args.no_ref and len(args.paths) == 1):
+        raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
+    suffix = lambda p: Path(p).suffix.lower()
+    if len(args.paths) == 2 and suffix(args.paths[0]) in IMAGE_EXTS and suffix(args.paths[1]) in data.VIDEO_EXTS:
+        raise ValueError(f"{args.paths[0]} is an image and {args.paths[1]} a video: the order is the reference "
+                         f"video, then the image")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates, which the tokenizer rejects
+        raise ValueError("--prompt is not valid UTF-8 text (check the shell's locale or the file it came from)") from None
+    if args.frames is not None and (args.frames - 1) % 8:
+        raise ValueError(f"--frames must be 8k+1 (9, 17, ..., 49), got {args.frames}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) % 16:
+            raise ValueError(f"--{name} must be a multiple of 16, got {getattr(args, name)}")
+    if Path(args.out).suffix.lower() not in OUT_EXTS:
+        raise ValueError(f"--out {args.out}: the video is H.264, so the name must end in one of {' '.join(OUT_EXTS)}")
+    try:
+        av.codec.Codec("libx264", "w")
+    except Exception:
+        raise ValueError("this PyAV/FFmpeg build has no libx264 encoder (pip install av ships one)") from None
+    outs = [(o, f) for o, f in (("--out", args.out), ("--save-lora", args.save_lora),
+                                ("--export-lora", args.export_lora)) if f]
+    for option, f in outs:
+        if Path(f).is_dir():
+            raise IsADirectoryError(f"{option} {f}: is a folder; give a file name")
+        if not Path(f).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{option} {f}: its folder does not exist")
+        data.check_writable(f, option)
+    if len({Path(f).resolve() for _, f in outs}) < len(outs):
+        raise ValueError("--out, --save-lora and --export-lora must be different files")
+    return check_device(args.device)
 
 
 def run(args):
     t0 = time.perf_counter()
-    if len(args.paths) != 2 and not (args.no_ref and len(args.paths) == 1):
-        raise ValueError("expected: ref.mp4 img.png (or img.png with --no-ref)")
+    device = check_args(args)
     mdir, img = Path(args.model), args.paths[-1]
     refs = [] if args.no_ref else [_ref_arg(s) for s in args.paths[:1] + args.ref]
     ckpt = args.ckpt or (mdir / "hypernet.safetensors" if (mdir / "hypernet.safetensors").is_file() else None)
-    # check everything cheap before loading the model, so a typo costs no time and writes nothing
     for path in [img] + [p for p, _ in refs] + ([ckpt] if refs and ckpt else []):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    if not mdir.is_dir():
-        raise FileNotFoundError(f"no model at {mdir}/: pass --model DIR")
+    check_model_dir(mdir)
     if refs and ckpt is None:
         raise FileNotFoundError(f"no hypernetwork at {mdir}/hypernet.safetensors: pass --ckpt FILE or --no-ref")
     if any(w <= 0 for _, w in refs) or ((args.save_lora or args.export_lora) and not refs):
         raise ValueError("reference weights must be > 0, and --save-lora/--export-lora need a reference")
-    for out in (args.out, args.save_lora, args.export_lora):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise FileNotFoundError(f"{out}: its folder does not exist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device == "cpu" else "bf16")]
+    cfg = model.DiTConfig.from_dict(model.read_config(mdir / "transformer"))
+    frames, height, width = sizes(cfg, args.frames, args.height, args.width)
+    native = sizes(cfg)
+    if not (0.5 <= frames / native[0] <= 2 and 0.25 <= height * width / (native[1] * native[2]) <= 4):
+        print(f"warning: {frames}x{height}x{width} (frames x height x width) is far from the {'x'.join(map(str, native))}"
+              f" this model was made for: expect a slower run ({frames * height * width / math.prod(native):.3g}x the "
+              f"work, attention grows faster) and an output unlike its training", file=sys.stderr)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
 
     pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
-    if device == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
+    if device.type == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
-    frames, height, width = pipe.sizes(args.frames, args.height, args.width)
     image, videos = (data.read_image(img, height, width) + 1) / 2, []
     for path, w in refs:
-        v, n = data.read_video(path, frames, fps=8, height=height, width=width, allow_short=True)
+        v, n = data.read_video(path, frames, fps=8, height=height, width=width, allow_short=True, start=args.ref_start)
         keep = frames if n >= frames else (n - 1) // 8 * 8 + 1  # a short one: its longest 8k+1 prefix, not
         if keep < 9:                                              # a frozen tail fed to the hypernetwork
-            raise ValueError(f"{path}: too short: {n} frames at 8 fps, a reference needs at least 9")
+            raise ValueError(f"{path}: too short: {n} frames at 8 fps from {args.ref_start:g} s on, a reference "
+                             f"needs at least 9")
+        span = f"{args.ref_start:.2f}-{args.ref_start + keep / 8:.2f} s"
         if keep < frames:
-            print(f"note: {path} gives only {n} frames at 8 fps (< {frames}): using its first {keep}", file=sys.stderr)
+            print(f"note: {path} gives only {n} frames at 8 fps (< {frames}): using its first {keep} ({span})",
+                  file=sys.stderr)
+        elif (length := data.duration(path)) and length > args.ref_start + (keep + 1) / 8:
+            print(f"note: {path} lasts {length:.2f} s; the model reads {keep} frames at 8 fps: using {span} "
+                  f"(--ref-start SECONDS picks another span)", file=sys.stderr)
         videos.append(((v[:keep] + 1) / 2, w))
     times = {"load": time.perf_counter() - t0}
 
@@ -316,28 +389,31 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Image-to-video with the motion/effect of a reference video.")
+    num = data.number
+    p = data.Parser(description="Image-to-video with the motion/effect of a reference video.")
     p.add_argument("paths", nargs="+", metavar="ref.mp4 img.png", help="reference video, then the first frame")
     p.add_argument("--prompt", default="")
     p.add_argument("--model", default="assets", help="CogVideoX I2V folder (default assets/)")
     p.add_argument("--ckpt", help="hypernetwork checkpoint (default <model>/hypernet.safetensors)")
-    p.add_argument("--out", default="out.mp4")
-    p.add_argument("--frames", type=int, help="8k+1 (default: the model's sample_frames)")
+    p.add_argument("--out", default="out.mp4", help="the video (.mp4, .mov, .mkv or .m4v; H.264)")
+    p.add_argument("--frames", type=num(int, 1), help="8k+1 (default: the model's sample_frames)")
     for size in ("--height", "--width"):  # default: the model's sample size
-        p.add_argument(size, type=int)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+        p.add_argument(size, type=num(int, 16))
+    p.add_argument("--steps", type=num(int, 1, 1000), default=50)
+    p.add_argument("--guidance", type=num(float, 0), default=6.0, help="classifier-free guidance; <= 1: none")
     p.add_argument("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=num(int, 0, 2 ** 63 - 1), default=0)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=num(float), default=1.0)
     p.add_argument("--ref", action="append", default=[], help="another reference to blend, PATH or PATH:WEIGHT")
+    p.add_argument("--ref-start", type=num(float, 0), default=0.0, metavar="SECONDS",
+                   help="where the reference span starts: the model reads frames/8 s of each reference from here")
     p.add_argument("--no-ref", action="store_true", help="the base I2V model, no LoRA")
     p.add_argument("--save-lora", help="the predicted LoRA in our native format")
     p.add_argument("--export-lora", help="the predicted LoRA as a diffusers load_lora_weights file")
     p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     try:

@@ -430,7 +430,7 @@ class DiT(nn.Module):
         v, c, temb, rope = self.embed(x, text, t, ofs, lora)
         for block, lo in zip(self.transformer_blocks, self.block_loras(lora)):
             v, c = block(v, c, temb, rope, lo)
-        return self.head(v, temb, x.shape)
+        return self.unpatchify(self.head(v, temb), x.shape)
 
     # forward in three parts, so fast.py can run the blocks its own way (step cache, sequence parallel)
 
@@ -471,20 +471,20 @@ class DiT(nn.Module):
             rope = tuple(r[:, None] for r in rope_3d(cfg, f, h, w, x.device))  # [N, 1, hd]
         return v, c, temb, rope
 
-    def head(self, v, temb, shape=None):
-        """Final norm + projection of the video tokens [B, N, D]; with shape = the input's (B, F, C, H, W), the
-        v-prediction unpatchified to [B, F, out_channels, H, W], else the per-token patches [B, N, p*p*C]."""
-        cfg, p = self.config, self.config.patch_size
+    def head(self, v, temb):
+        """Final norm + projection: video tokens [B, N, D] -> patches [B, N, p*p*C] (unpatchify makes latents)."""
         shift, scale = self.norm_out.linear(temb).chunk(2, dim=1)  # shift first (diffusers' AdaLayerNorm)
-        v = self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
-        if shape is None:
-            return v
+        return self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
+
+    def unpatchify(self, v, shape):
+        """Patches [B, N, p*p*C] -> v-prediction [B, F, out_channels, H, W]; shape = the input's (B, F, C, H, W)."""
+        cfg, p = self.config, self.config.patch_size
         B, Fr, _, H, W = shape
         C, f, h, w = cfg.out_channels, Fr // (cfg.patch_size_t or 1), H // p, W // p
         if cfg.patch_size_t is None:
-            v = v.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
+            v = v.reshape(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
         else:
-            v = v.view(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
+            v = v.reshape(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
         return v.reshape(B, Fr, C, H, W)
 
 

@@ -172,6 +172,9 @@ def dit_call(dit, x, text, t, ofs=None, lora=None, cache=None, par=None):
         xb, tb, t = x[b:b + 1], text[b:b + 1], t[b:b + 1] if t.numel() > 1 else t
         pick = lambda f: f[b:b + 1] if f.shape[0] > 1 else f  # noqa: E731
         lb = {k: None if ab is None else tuple(pick(f) for f in ab) for k, ab in lora.items()} if lora else lora
+    if dit.config.num_attention_heads % P:
+        raise ValueError(f"sequence parallel over {P} ranks needs a head count divisible by {P}, this DiT has "
+                         f"{dit.config.num_attention_heads}: use another number of processes")
     v, c, temb, rope = dit.embed(xb, tb, t, ofs, lb)
     sizes = split_sizes(v.shape[1], P)
     lo, hi = sum(sizes[:i]), sum(sizes[:i + 1])

@@ -133,7 +133,7 @@ def test_parallel_equals_one_process(par_model, one_process, tmp_path, n):
 
 
 def test_torchrun_cli(par_model, tmp_path):
-    """torchrun sample.py: only rank 0 writes, and the frames are those of one process."""
+    """torchrun sample.py: only rank 0 writes, and the video is that of one process."""
     import data
     import sample
     from PIL import Image
@@ -146,7 +146,9 @@ def test_torchrun_cli(par_model, tmp_path):
     r = _torchrun(2, *argv, "--out", tmp_path / "two.mp4", script=sample.__file__)
     assert r.stdout.count("wrote ") == 1 and "2 processes" in r.stdout, r.stdout
     a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two.mp4")
-    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).max() for x, y in zip(a, b)) <= 1
+    # the float videos agree within 1e-5 (test above), but H.264 is lossy: a change of one level can flip the
+    # encoder's choices in a macroblock, so the decoded frames agree on average, not pixel for pixel
+    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 2
 
 
 def _worker(model_dir, out=None):

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
+import fast
 import hypernet
 import lightlora
 import model
@@ -120,12 +121,17 @@ class Pipeline:
     """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) plus an optional Video2LoRA (which stays
     on the device: it is small). offload: the frozen models live on the CPU and each goes to the device only
     while its stage runs (T5 -> VAE -> DiT -> VAE). tile_vae: decode in diffusers' overlapping tiles (encoding
-    one image, or a reference with only the VAE on the device under offload, needs far less memory)."""
+    one image, or a reference with only the VAE on the device under offload, needs far less memory). compile: the
+    DiT's blocks compiled (fast.compile_blocks). parallel: a fast.Parallel (torchrun): the ranks share each DiT call
+    and only rank 0 decodes (the others' generate returns None)."""
 
     def __init__(self, dit, vae, t5, tok, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16, offload=False,
-                 tile_vae=False):
+                 tile_vae=False, compile=False, parallel=None):
         self.dit, self.vae, self.t5, self.tok, self.sched_cfg, self.v2l = dit, vae, t5, tok, sched_cfg, v2l
         self.device, self.dtype, self.offload, self.tile_vae = torch.device(device), dtype, offload, tile_vae
+        self.parallel = parallel
+        if compile:
+            fast.compile_blocks(dit)
         self.times = {}  # seconds per stage of the last call
 
     @contextmanager
@@ -175,9 +181,10 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, image, prompt="", ref=None, frames=None, height=None, width=None, steps=50,
                  guidance=6.0, dynamic_cfg=False, scheduler="ddim", seed=0, lora_scale=1.0, lora=None,
-                 progress=False):
+                 cache_threshold=0.0, progress=False):
         """image [3,H,W] in [0,1] -> video [frames,3,height,width] in [0,1] (float32, CPU). ref: see
-        reference_lora; lora: a dict it returned (instead of ref)."""
+        reference_lora; lora: a dict it returned (instead of ref). cache_threshold > 0: the first-block step cache
+        (fast.StepCache); self.cache then holds its counts."""
         c, dev, dt = self.dit.config, self.device, self.dtype
         frames, height, width = self.sizes(frames, height, width)
         if scheduler not in ("ddim", "dpm"):
@@ -212,12 +219,14 @@ class Pipeline:
         ofs = x.new_full((1,), 2.0) if c.ofs_embed_dim else None
         A, T = alphas_cumprod(self.sched_cfg), self.sched_cfg.get("num_train_timesteps", 1000)
         ts, old = trailing_timesteps(steps, T), None
+        self.cache = fast.StepCache(cache_threshold) if cache_threshold > 0 else None
 
-        with self._stage("denoise", self.dit):
+        with self._stage("denoise", self.dit), fast.attention_backends(dev):
             for i, t in enumerate(tqdm(ts, disable=not progress, desc="denoise", leave=False)):
                 inp = torch.cat([torch.cat([x, x]), torch.cat([z_img, z_img])] if cfg else [x, z_img], dim=2)
                 tt = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
-                v = self.dit(inp, text, tt, ofs=ofs, lora=lora).float()  # a B=1 LoRA serves both branches
+                v = fast.dit_call(self.dit, inp, text, tt, ofs, lora, self.cache, self.parallel).float()  # a B=1
+                # LoRA serves both branches
                 if cfg:
                     (vu, vc), w = v.chunk(2), dynamic_guidance(guidance, t, steps) if dynamic_cfg else guidance
                     v = vu + w * (vc - vu)
@@ -227,6 +236,8 @@ class Pipeline:
                     x, old = dpm_step(A, v, x, t, t - T // steps, ts[i - 1] if i else None, old, g)
                 x = x.to(dt)
 
+        if self.parallel is not None and self.parallel.rank != 0:
+            return None
         with self._stage("decode", self.vae):
             x = 1 / self.vae.config.scaling_factor * x[:, pad:].permute(0, 2, 1, 3, 4)  # -> [1,C,F',h,w]
             video = self.vae.decode(x, tile=self.tile_vae)
@@ -245,7 +256,8 @@ def check_model_dir(d, option="--model"):
                                     f"THUDM/CogVideoX-5b-I2V)")
 
 
-def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False):
+def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False, compile=False,
+         parallel=None):
     """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     check_model_dir(d)
@@ -258,7 +270,7 @@ def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=Fals
         raise ValueError(f"{ckpt}: not a readable checkpoint ({e})") from None
     return Pipeline(dit, vae_lib.load_vae(d / "vae", dtype, home), model.load_t5(d / "text_encoder", dtype, home),
                     model.Tokenizer(d / "tokenizer"), json.loads((d / "scheduler/scheduler_config.json").read_text()),
-                    v2l, device, dtype, offload, tile_vae)
+                    v2l, device, dtype, offload, tile_vae, compile, parallel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,9 +362,13 @@ def run(args):
         print(f"warning: {frames}x{height}x{width} (frames x height x width) is far from the {'x'.join(map(str, native))}"
               f" this model was made for: expect a slower run ({frames * height * width / math.prod(native):.3g}x the "
               f"work, attention grows faster) and an output unlike its training", file=sys.stderr)
+    if args.cache_threshold < 0:
+        raise ValueError(f"--cache-threshold must be >= 0, got {args.cache_threshold}")
+    par, rank_device = fast.init_parallel()  # under torchrun: this rank's device, and every rank runs each step
+    device = torch.device(rank_device) if rank_device is not None else device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
 
-    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae)
+    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par)
     if device.type == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
     image, videos = (data.read_image(img, height, width) + 1) / 2, []
@@ -376,8 +392,13 @@ def run(args):
     times.update(pipe.times)
     video = pipe.generate(image, args.prompt, frames=frames, height=height, width=width, steps=args.steps,
                           guidance=args.guidance, dynamic_cfg=args.dynamic_cfg, scheduler=args.scheduler,
-                          seed=args.seed, lora=lora, progress=True)
+                          seed=args.seed, lora=lora, cache_threshold=args.cache_threshold,
+                          progress=par is None or par.rank == 0)
     times.update(pipe.times)
+    if par is not None:
+        torch.distributed.destroy_process_group()
+        if par.rank != 0:  # only rank 0 writes
+            return
     t1 = time.perf_counter()
     data.write_video(args.out, video, fps=8)  # atomic, like the two LoRA writers
     if args.save_lora:
@@ -385,7 +406,10 @@ def run(args):
     if args.export_lora:
         lightlora.export_diffusers(args.export_lora, lora)
     times["write"] = time.perf_counter() - t1
-    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) |", " ".join(f"{k} {t:.1f}s" for k, t in times.items()))
+    extra = f" | cache: {pipe.cache.skipped}/{pipe.cache.calls} DiT calls skipped" if pipe.cache else ""
+    extra += f" | {par.world} processes" if par else ""
+    print(f"wrote {args.out} ({frames}x{height}x{width}, 8 fps) |", " ".join(f"{k} {t:.1f}s" for k, t in times.items())
+          + extra)
 
 
 def main(argv=None):
@@ -413,7 +437,12 @@ def main(argv=None):
     p.add_argument("--export-lora", help="the predicted LoRA as a diffusers load_lora_weights file")
     p.add_argument("--offload", action="store_true", help="only the running stage (T5, DiT, VAE) on the GPU")
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (first step pays the compile)")
+    p.add_argument("--cache-threshold", type=float, nargs="?", const=fast.CACHE_THRESHOLD, default=0.0, metavar="T",
+                   help=f"skip DiT blocks 1.. on steps whose first-block residual moved < T (relative L1) since the "
+                        f"last full step; alone: {fast.CACHE_THRESHOLD} (bench/FAST.md); default 0 = off")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; under torchrun each "
+                                      "rank's cuda:LOCAL_RANK, or the CPU with gloo)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     try:

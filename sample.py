@@ -225,8 +225,8 @@ class Pipeline:
             for i, t in enumerate(tqdm(ts, disable=not progress, desc="denoise", leave=False)):
                 inp = torch.cat([torch.cat([x, x]), torch.cat([z_img, z_img])] if cfg else [x, z_img], dim=2)
                 tt = torch.full((inp.shape[0],), t, dtype=torch.long, device=dev)
-                v = fast.dit_call(self.dit, inp, text, tt, ofs, lora, self.cache, self.parallel).float()  # a B=1
-                # LoRA serves both branches
+                # a B=1 LoRA serves both branches
+                v = fast.dit_call(self.dit, inp, text, tt, ofs, lora, self.cache, self.parallel).float()
                 if cfg:
                     (vu, vc), w = v.chunk(2), dynamic_guidance(guidance, t, steps) if dynamic_cfg else guidance
                     v = vu + w * (vc - vu)

@@ -163,7 +163,8 @@ def posterior(mean, logvar, eps):
 
 
 def check(args):
-    """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w))."""
+    """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w),
+    training clips, validation clips, the opened cache or None)."""
     device = sample.check_device(args.device)
     if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
         device = sample.check_device(f"cuda:{LOCAL}")
@@ -173,20 +174,18 @@ def check(args):
         raise ValueError(f"--hypernet {args.hypernet!r}: presets are {', '.join(sorted(hypernet.presets))}")
     mdir, run = Path(args.model), Path(args.out)
     sample.check_model_dir(mdir)
-    cfg = model.DiTConfig.from_dict(model.read_config(mdir / "transformer"))
-    s = 2 ** (len(model.read_config(mdir / "vae").get("block_out_channels", (0,) * 4)) - 1)
-    native = (cfg.sample_frames, cfg.sample_height * s, cfg.sample_width * s)
+    cfg, native = model.DiTConfig.from_dict(model.read_config(mdir / "transformer")), cache_lib.model_sizes(mdir)
     size = (args.frames or native[0], args.height or native[1], args.width or native[2])
     if (size[0] - 1) % 4 or size[1] % 16 or size[2] % 16:
         raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got {'x'.join(map(str, size))}")
     if (cfg.use_learned_positional_embeddings and size != native) or (cfg.patch_size_t and size[1:] > native[1:]):
         raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width), got "
                          f"{'x'.join(map(str, size))}: leave --frames/--height/--width out")
-    data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
-    if args.eval_data:
-        data.scan(args.eval_data)
-    if args.cache:
-        (c := cache_lib.Cache(args.cache)).check(mdir)
+    clips = data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
+    eval_clips = data.scan(args.eval_data) if args.eval_data else clips
+    c = cache_lib.Cache(args.cache) if args.cache else None
+    if c is not None:
+        c.check(mdir)
         want = dict(frames=size[0], fps=args.fps, height=size[1], width=size[2])
         if (have := {k: c.settings.get(k) for k in want}) != want:
             raise ValueError(f"--cache {args.cache} was built for {have}, this run wants {want}: rebuild it (python "
@@ -196,13 +195,13 @@ def check(args):
     if (found := checkpoints(run)) and not args.resume:
         raise FileExistsError(f"--out {run} holds {found[-1].name}: pass --resume to continue it, or a new --out")
     data.check_writable(run / "metrics.jsonl", "--out")
-    return device, size
+    return device, size, clips, eval_clips, c
 
 
 def main(args):
     signal.signal(signal.SIGTERM, on_signal)  # set-up: stop at once; the loop: save, then stop
     signal.signal(signal.SIGINT, on_signal)
-    device, (frames, height, width) = check(args)
+    device, (frames, height, width), clips, eval_clips, cache = check(args)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if WORLD > 1:
@@ -222,7 +221,6 @@ def main(args):
     img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
     A = sample.alphas_cumprod(sched_cfg).float().to(device)
-    cache = cache_lib.Cache(args.cache) if args.cache else None
     t5 = tok = None
     if cache is None or not cache.has_text("") or args.eval_every:
         tok, t5 = model.Tokenizer(mdir / "tokenizer"), model.load_t5(mdir / "text_encoder", dtype, device)
@@ -322,7 +320,7 @@ def main(args):
 
     # ---- data ---------------------------------------------------------------------------------------------
     run.mkdir(parents=True, exist_ok=True)  # the first thing written: every check above has passed
-    pairs = data.VideoPairs(data.scan(args.data), frames, args.fps, height, width, args.seed, cache, run)
+    pairs = data.VideoPairs(clips, frames, args.fps, height, width, args.seed, cache, run)
     loader = iter(torch.utils.data.DataLoader(
         Positions(pairs, args.seed), batch_size=args.batch_size,
         sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers,
@@ -367,7 +365,7 @@ def main(args):
     def validate():
         """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
         sample.py's pipeline on the loaded modules. Every rank runs it (an FSDP-sharded DiT needs all of them)."""
-        vp = data.VideoPairs(data.scan(args.eval_data or args.data), frames, args.fps, height, width, args.seed)
+        vp = data.VideoPairs(eval_clips, frames, args.fps, height, width, args.seed)
         pipe = sample.Pipeline(dit, vae, t5, tok, sched_cfg, v2l=v2l.eval(), device=device, dtype=dtype)
         items = [it for it in (vp[i] for i in range(min(len(vp), 4 * args.eval_n))) if it is not None][:args.eval_n]
         for i, it in enumerate(items):

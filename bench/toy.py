@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import cache as cache_lib  # noqa: E402
 import data  # noqa: E402
 import effects  # noqa: E402
 import model  # noqa: E402
@@ -217,13 +218,13 @@ def write_index(mdir):
 
 
 def latent_set(args, root, vae):
-    """Everything a DiT step needs for each clip of `root`, from the data.py cache (built here if missing, the
+    """Everything a DiT step needs for each clip of `root`, from the cache.py cache (built here if missing, the
     same cache train.py reads): video posterior (mean, logvar) [N,C,F',h,w], image posterior of frame 0 with
     the official pixel noise (one draw per clip, to spare per-step VAE encodes) and T5 embeddings [N,L,D]."""
     out, mdir = Path(args.out), Path(args.out) / "model"
     cdir = out / ("cache_" + Path(root).name)
-    data.build_cache(mdir, root, cdir, FRAMES, FPS, SIZE, SIZE, batch=8, workers=0)
-    cache, clips = data.Cache(cdir), data.scan(root)
+    cache_lib.build_cache(mdir, root, cdir, FRAMES, FPS, SIZE, SIZE, batch=8, workers=0)
+    cache, clips = cache_lib.Cache(cdir), data.scan(root)
     lat = [cache.latents(c) for c in clips]
     mean = torch.stack([d["mean"] for d in lat]).float()
     logvar = torch.stack([d["logvar"] for d in lat]).float()
@@ -291,7 +292,7 @@ def stage_dit(args):
     out, mdir = Path(args.out), Path(args.out) / "model"
     write_index(mdir)
     vae = vae_lib.load_vae(mdir / "vae")
-    S = latent_set(args, out / "data/train", vae)  # builds the data.py cache on first use
+    S = latent_set(args, out / "data/train", vae)  # builds the cache.py cache on first use
     sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
     torch.manual_seed(0)
     cfg = model.DiTConfig(**DIT_CFG)
@@ -330,7 +331,7 @@ def stage_hyper(args):
     """Each run is train.py itself (one process, one thread); the runs go concurrently."""
     import os
     out, procs = Path(args.out), []
-    data.build_cache(out / "model", out / "data" / args.data, out / ("cache_" + args.data), FRAMES, FPS, SIZE, SIZE,
+    cache_lib.build_cache(out / "model", out / "data" / args.data, out / ("cache_" + args.data), FRAMES, FPS, SIZE, SIZE,
                      batch=8, workers=0)  # a no-op when built
     for name, extra in RUNS:
         if args.runs and name not in args.runs.split(","):

@@ -276,6 +276,11 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def attention(q, k, v, L=None):
+    """Joint attention over [B, S, heads, hd] (L text tokens first; unused here). The transposes are views."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # DiT modules (attribute names = checkpoint keys)
 
@@ -347,9 +352,12 @@ class Block(nn.Module):
         self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
                                               "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
 
-    def forward(self, x, c, temb, rope, lora):
-        """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]."""
-        ab = (lambda k: None) if lora is None else (lambda k: lora.get(self.names[k]))
+    def forward(self, x, c, temb, rope, lora=None, attend=None):
+        """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]. lora: this block's factors
+        keyed by the short names ("attn1.to_q"), so every block runs the same code with the same guards and one
+        compiled graph serves them all (fast.py). attend(q, k, v, L) -> o, all [B, S, heads, hd] with the L text
+        tokens first: joint attention; fast.py swaps in a sequence-parallel one."""
+        ab = (lambda k: None) if lora is None else lora.get
         B, L, D = c.shape
         a = self.attn1
         sh, sc, g, csh, csc, cg = lora_linear(self.norm1.linear, temb, ab("norm1.linear")).chunk(6, dim=1)
@@ -362,8 +370,8 @@ class Block(nn.Module):
         if rope is not None:  # video tokens only
             q = torch.cat([q[:, :L], apply_rope(q[:, L:], *rope)], dim=1)
             k = torch.cat([k[:, :L], apply_rope(k[:, L:], *rope)], dim=1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        o = lora_linear(a.to_out[0], o.transpose(1, 2).reshape(B, S, D), ab("attn1.to_out.0"))
+        o = (attend or attention)(q, k, v, L)
+        o = lora_linear(a.to_out[0], o.reshape(B, S, D), ab("attn1.to_out.0"))
         x = x + g[:, None] * o[:, L:]
         c = c + cg[:, None] * o[:, :L]
 
@@ -419,10 +427,26 @@ class DiT(nn.Module):
                 f"got {x.shape[1]} x {x.shape[3]} x {x.shape[4]}")
 
     def forward(self, x, text, t, ofs=None, lora=None):
-        self._check(x, text)
-        if lora and not self.lora_names.issuperset(lora):
+        v, c, temb, rope = self.embed(x, text, t, ofs, lora)
+        for block, lo in zip(self.transformer_blocks, self.block_loras(lora)):
+            v, c = block(v, c, temb, rope, lo)
+        return self.unpatchify(self.head(v, temb), x.shape)
+
+    # forward in three parts, so fast.py can run the blocks its own way (step cache, sequence parallel)
+
+    def block_loras(self, lora):
+        """The lora dict split per block, keyed by the names inside the block ([None] * blocks if no lora)."""
+        if not lora:
+            return [None] * len(self.transformer_blocks)
+        if not self.lora_names.issuperset(lora):
             raise ValueError(f"lora names no Linear of this DiT: {_few(set(lora) - self.lora_names)} "
                              f"(keys look like 'transformer_blocks.0.attn1.to_q')")
+        return [{k: lora[n] for k, n in b.names.items() if n in lora} for b in self.transformer_blocks]
+
+    def embed(self, x, text, t, ofs=None, lora=None):
+        """-> video tokens v [B, N, D], text tokens c [B, L, D], SiLU(temb) [B, E], rope (cos, sin) [N, 1, hd] | None."""
+        self._check(x, text)
+        self.block_loras(lora)  # check the names before any work
         cfg, p = self.config, self.config.patch_size
         B, Fr, _, H, W = x.shape
         dt = x.dtype
@@ -445,17 +469,22 @@ class DiT(nn.Module):
         rope = None
         if cfg.use_rotary_positional_embeddings:
             rope = tuple(r[:, None] for r in rope_3d(cfg, f, h, w, x.device))  # [N, 1, hd]
+        return v, c, temb, rope
 
-        for block in self.transformer_blocks:
-            v, c = block(v, c, temb, rope, lora)
-
+    def head(self, v, temb):
+        """Final norm + projection: video tokens [B, N, D] -> patches [B, N, p*p*C] (unpatchify makes latents)."""
         shift, scale = self.norm_out.linear(temb).chunk(2, dim=1)  # shift first (diffusers' AdaLayerNorm)
-        v = self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
-        C = cfg.out_channels
+        return self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
+
+    def unpatchify(self, v, shape):
+        """Patches [B, N, p*p*C] -> v-prediction [B, F, out_channels, H, W]; shape = the input's (B, F, C, H, W)."""
+        cfg, p = self.config, self.config.patch_size
+        B, Fr, _, H, W = shape
+        C, f, h, w = cfg.out_channels, Fr // (cfg.patch_size_t or 1), H // p, W // p
         if cfg.patch_size_t is None:
-            v = v.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
+            v = v.reshape(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
         else:
-            v = v.view(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
+            v = v.reshape(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
         return v.reshape(B, Fr, C, H, W)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cache
 import data
 import sample
 
@@ -60,9 +61,9 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
         assert r.returncode == 0, f"{' '.join(argv)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out.setdefault(argv[1], []).append(r.stdout)
     assert len(list((tmp_path / "clips").glob("*/*.mp4"))) == 17  # one clip of each seen category
-    size = data.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
-    cache = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert tuple(cache["settings"][k] for k in ("frames", "height", "width")) == size
+    size = cache.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert tuple(index["settings"][k] for k in ("frames", "height", "width")) == size
     log = out["train.py"][0]
     assert "step 1 |" in log and "step 2 |" in log and "done: step 2 of 2" in log, log
     assert f"last checkpoint {tmp_path}/run/ckpt-000002.safetensors" in log, log
@@ -84,20 +85,16 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
 
 def _parsers():
     import train
-    cache = next(a for a in data.cli()._actions if isinstance(a, argparse._SubParsersAction)).choices["cache"]
-    return {"sample.py": sample.cli(), "train.py": train.p, "data.py": data.cli(), "data.py cache": cache}
+    return {"sample.py": sample.cli(), "train.py": train.p, "cache.py": cache.cli()}
 
 
-@pytest.mark.parametrize("name", ["sample.py", "train.py", "data.py", "data.py cache"])
+@pytest.mark.parametrize("name", ["sample.py", "train.py", "cache.py"])
 def test_help_shows_every_default_and_choice(name):
     p = _parsers()[name]
     text = p.format_help()
     assert p.formatter_class is data.HelpFormatter
     for a in p._actions:
         if isinstance(a, argparse._HelpAction):
-            continue
-        if isinstance(a, argparse._SubParsersAction):  # each subcommand has a help line of its own
-            assert all(c.help for c in a._choices_actions) and a._choices_actions, name
             continue
         assert a.help, f"{name}: {a.option_strings or a.dest} has no help line"
         d, shown = a.default, p._get_formatter()._expand_help(a)  # this flag's help as --help prints it
@@ -113,6 +110,6 @@ def test_help_shows_every_default_and_choice(name):
 
 
 def test_cache_and_train_sizes_are_the_models(tiny_model_dir):
-    """data.py cache's defaults (data.model_sizes) are what train.py and sample.py take from the model."""
+    """cache.py's defaults (cache.model_sizes) are what train.py and sample.py take from the model."""
     import torch
-    assert data.model_sizes(tiny_model_dir) == sample.load(tiny_model_dir, torch.float32, "cpu").sizes() == (9, 64, 96)
+    assert cache.model_sizes(tiny_model_dir) == sample.load(tiny_model_dir, torch.float32, "cpu").sizes() == (9, 64, 96)

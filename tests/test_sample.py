@@ -273,7 +273,7 @@ def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
         "bad video": ([str(files / "bad.mp4"), img, "--model", m, "--ckpt", ck], "bad.mp4"),
         "short ref": ([str(files / "short.mp4"), img, "--model", m, "--ckpt", ck], "too short"),
         "frames": ([ref, img, "--model", m, "--ckpt", ck, "--frames", "13"], "8k+1"),
-        "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiples of 16"),
+        "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiple of 16"),
         "learned pe": ([ref, img, "--model", m, "--ckpt", ck, "--height", "128", "--width", "192"], "only takes"),
         "no model": ([ref, img, "--model", str(tmp_path / "nowhere")], "no model at"),
         "no ckpt": ([ref, img, "--model", m], "--no-ref"),

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cache as cache_lib
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def cache(tiny_model_dir, clips, tmp_path_factory):
     out, threads = tmp_path_factory.mktemp("cache"), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: a second (shared, busy) core only adds OpenMP spinning
     try:
-        data.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
+        cache_lib.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -145,7 +146,7 @@ def test_ddp_equals_one_process(straight, tiny_model_dir, clips, cache, tmp_path
 
 
 def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tmp_path):
-    """SIGTERM (preemption) saves at the end of the step and exits 0; --resume then gives the uninterrupted
+    """SIGTERM (preemption) saves at the end of the step and exits 143 (128 + 15); --resume then gives the uninterrupted
     run's losses and weights exactly, skipping a half-written temporary file and a damaged checkpoint."""
     out, _ = straight
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(clips), "--out",
@@ -156,7 +157,7 @@ def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tm
         log.append(line)
         if line.startswith("step 1 |"):
             proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(log)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(log)
     ckpts = sorted(tmp_path.glob("ckpt-*.safetensors"))
     assert "SIGTERM" in "".join(log) and len(ckpts) == 1 and ckpts[0].name < "ckpt-000003", "".join(log)
     (tmp_path / "ckpt-000003.safetensors.tmp").write_bytes(b"\0" * 100)  # what a kill during a save leaves

@@ -1,35 +1,70 @@
 """Video data for video2lora: PyAV reading/writing, datasets of (target, same-category reference)
-pairs, and an on-disk cache of VAE posteriors and T5 embeddings.
+pairs, and the small command-line helpers the three scripts share (one-line errors, checked numbers).
 
-Videos are [F,3,H,W] in [-1,1] as read; the cache keeps VAE.encode's output per clip in the VAE
-layout [C,F',h,w]. Build a cache (under torchrun the ranks split the clips):
-    python data.py cache --model CogVideoX-5b-I2V --data clips/ --out cache/
+Videos are [F,3,H,W] in [-1,1] as read. The latent cache (VAE posteriors, T5 embeddings) is cache.py.
 """
 import argparse
 import csv
-import hashlib
 import json
 import logging
+import math
 import os
 import random
+import sys
 from collections import namedtuple
-from datetime import timedelta
 from fractions import Fraction
-from functools import partial
 from pathlib import Path
 
 import av
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
-from tqdm import tqdm
-
-from lightlora import save_atomic
 
 log = logging.getLogger("data")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The --help style of sample.py, train.py and cache.py: the module docstring (its example commands) as the
+    description, and each flag's default after its help unless the default is unset (the help says what then)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        return action.help if d is None or d is False or d == "" or d == [] else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line and exit status 2, like every other user error of the scripts
+    (argparse's own prints the whole usage block first)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(typ=int, lo=None, hi=None):
+    """argparse type: a finite int/float in [lo, hi] (float("nan") parses, and `nan > 1` is False: --guidance nan
+    would silently turn guidance off)."""
+    def parse(s):
+        try:
+            x = typ(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if typ is int else 'a number'}") from None
+        if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+            rng = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{s} is out of range (a finite number {rng})")
+        return x
+    return parse
+
+
+def check_writable(path, option):
+    """OSError unless `path` could be created (or replaced) by us: not a folder, and its nearest existing folder
+    is writable. Run before any work, so a bad output path costs nothing."""
+    path = Path(os.path.abspath(path))
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: cannot write in {parent} (choose another path)")
 
 
 class VideoError(Exception):
@@ -52,10 +87,11 @@ def _to_float(x):  # in place after one allocation: fresh large allocations domi
     return x.float().div_(127.5).sub_(1)
 
 
-def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False):
+def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False, start=0.0):
     """-> [frames,3,height,width] in [-1,1]. Frame i is the source frame on screen at time
-    start + i/fps (the latest with pts <= it), so any source frame rate gives the same motion speed.
-    allow_short=True pads a short video by repeating its last frame and returns (video, n_real)."""
+    t0 + start + i/fps (t0: the first frame's time; the latest frame with pts <= it), so any source frame rate
+    gives the same motion speed. allow_short=True pads a short video by repeating its last frame and returns
+    (video, n_real)."""
     try:
         c = av.open(str(path))
         stream = c.streams.video[0]
@@ -68,7 +104,7 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
         try:
             for n, f in enumerate(c.decode(stream)):
                 t = f.time if f.pts is not None else n / rate
-                targets = targets or [t + i / fps for i in range(frames)]
+                targets = targets or [t + start + i / fps for i in range(frames)]
                 while len(picked) < frames and targets[len(picked)] < t - 1e-6:  # shown by the previous frame
                     picked.append(prev)
                 if len(picked) == frames:
@@ -82,6 +118,8 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
         while len(picked) < frames and targets[len(picked)] < end - 1e-6:
             picked.append(prev)
         n_real = len(picked)
+        if n_real == 0 and start > 0:
+            raise VideoError(f"{path}: starts past its end: {start:g} s into a {end - targets[0] + start:.2f} s video")
         if n_real < frames and not allow_short:
             raise VideoError(f"{path}: too short: {end - targets[0]:.2f} s at {rate:g} fps gives {n_real} frames "
                              f"at {fps:g} fps, needs {frames} ({frames / fps:.2f} s)")
@@ -90,6 +128,16 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False)
         rgb = {k: _rgb(f, height, width) for k, f in rgb.items()}
         video = _to_float(torch.stack([rgb[id(f)] for f in picked]))
     return (video, n_real) if allow_short else video
+
+
+def duration(path):
+    """Seconds the video lasts by its container (None when it does not say): for messages only."""
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            return float(s.duration * s.time_base) if s.duration else c.duration and c.duration / 1e6
+    except (av.FFmpegError, OSError, IndexError):
+        return None
 
 
 def read_image(path, height, width):
@@ -110,7 +158,10 @@ def write_video(path, video, fps=8, crf=18):
     try:
         with av.open(str(tmp), "w") as c:
             s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", {"crf": str(crf)}
+            # a fixed thread count: x264's output depends on it, and by default it follows the CPUs this process
+            # may use, so the same frames gave different files on different machines or under taskset/cgroups
+            opts = {"crf": str(crf), "threads": "4"}
+            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", opts
             for frame in x:
                 c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             c.mux(s.encode(None))
@@ -220,135 +271,16 @@ def collate(items):
     return torch.utils.data.default_collate(items) if items else None
 
 
-# ---- cache: one safetensors file per clip and per caption, each with its own metadata, so an interrupted
-# run resumes from what is on disk; index.json is rebuilt from those files by rank 0 at the end ----
-def _key(s):
-    return hashlib.sha1(s.encode()).hexdigest()[:24]
+def __getattr__(name):  # data.build_cache / data.Cache moved to cache.py; old callers keep working
+    if name in ("build_cache", "Cache"):
+        import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
-def _stamp(path):
-    st = os.stat(path) if os.path.exists(path) else None
-    return st and {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _meta(path):  # a missing, foreign or damaged file counts as absent (and is rewritten)
-    try:
-        with safe_open(str(path), "pt") as fh:
-            return {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-    except Exception:
-        return {}
-
-
-class Cache:
-    """Read side of a folder built by `python data.py cache`."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        if not (self.root / "index.json").is_file():
-            raise FileNotFoundError(f"cache {root}: no index.json (build it with `python data.py cache`)")
-        vars(self).update(json.loads((self.root / "index.json").read_text()))  # settings, clips, texts
-
-    def why_missing(self, clip):  # -> None when cached and usable (a deleted source is fine, a changed one stale)
-        e = self.clips.get(_key(clip.path))
-        return ("not in the cache" if e is None else e.get("bad") or (None if _stamp(clip.path) in (e["stamp"], None)
-                else "changed since it was cached (re-run data.py cache)"))
-
-    def has(self, clip):
-        return self.why_missing(clip) is None
-
-    def latents(self, clip):
-        """-> {"mean", "logvar"} bf16 [C,F',h,w] (VAE layout) and "first": frame 0 as uint8 [3,H,W]."""
-        return load_file(str(self.root / "clips" / f"{_key(clip.path)}.safetensors"))
-
-    def has_text(self, caption):
-        return _key(caption) in self.texts
-
-    def text(self, caption):
-        return load_file(str(self.root / "texts" / f"{_key(caption)}.safetensors"))["text"]
-
-
-def _decode(clips, **kw):  # the DataLoader's collate_fn, so decoding runs in its workers
-    out = []
-    for c in clips:
-        stamp = _stamp(c.path)  # before reading, so a change during the read is caught next time
-        try:
-            out.append((c, stamp, read_video(c.path, **kw)))
-        except VideoError as e:
-            out.append((c, stamp, str(e).removeprefix(f"{c.path}: ")))
-    return out
-
-
-@torch.no_grad()
-def build_cache(model_dir, data, out, frames=49, fps=8, height=480, width=720, batch=1, workers=2, tile=False,
-                limit=None):
-    import model as M  # the frozen encoders are needed only here
-    import vae as V
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(hours=24))  # for the barriers only
-    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    out, model_dir, clips = Path(out), Path(model_dir), scan(data)
-    settings = dict(frames=frames, fps=fps, height=height, width=width, model=str(model_dir.resolve()))
-    file = lambda kind, s: out / kind / f"{_key(s)}.safetensors"
-
-    save = lambda f, tensors, **meta: save_atomic(tensors, f, {k: json.dumps(v) for k, v in meta.items()})
-
-    def done(c):  # encoded (or found bad) from this very file with these settings
-        m = _meta(file("clips", c.path))
-        return m.get("settings") == settings and _stamp(c.path) in (m["stamp"], None)
-
-    if todo := [c for i, c in enumerate(clips) if i % world == rank and not done(c)][:limit]:
-        vae, bar = V.load_vae(model_dir / "vae", dtype, dev), tqdm(total=len(todo), desc=f"cache clips (rank {rank})")
-        for items in torch.utils.data.DataLoader(todo, batch_size=batch, num_workers=workers, collate_fn=partial(
-                _decode, frames=frames, fps=fps, height=height, width=width)):
-            for c, s, v in items:
-                if isinstance(v, str):
-                    log.warning(f"warning: skipping {c.path}: {v}")
-                    save(file("clips", c.path), {}, path=c.path, stamp=s, settings=settings, bad=v)
-            if good := [(c, s, v) for c, s, v in items if torch.is_tensor(v)]:
-                x = torch.stack([v for _, _, v in good]).transpose(1, 2)  # [B,F,3,H,W] -> VAE [B,3,F,H,W]
-                mean, logvar = vae.encode(x.to(dev, dtype), tile=tile)
-                for (c, s, v), m, lv in zip(good, mean, logvar):  # frame 0 back to the uint8 it was made from
-                    first = ((v[0] + 1) * 127.5).round().to(torch.uint8)
-                    save(file("clips", c.path), dict(mean=m.bfloat16().cpu(), logvar=lv.bfloat16().cpu(), first=first),
-                         path=c.path, stamp=s, settings=settings)
-            bar.update(len(items))
-        bar.close()
-        del vae
-    captions = sorted({c.caption for c in clips})
-    if todo := [t for j, t in enumerate(captions)
-                if j % world == rank and _meta(file("texts", t)).get("model") != settings["model"]]:
-        tok, t5 = M.Tokenizer(model_dir / "tokenizer"), M.load_t5(model_dir / "text_encoder", dtype, dev)
-        for k in tqdm(range(0, len(todo), 8), desc=f"cache captions (rank {rank})"):
-            for t, e in zip(todo[k:k + 8], t5(tok(todo[k:k + 8]).to(dev))):
-                save(file("texts", t), {"text": e.bfloat16().cpu()}, caption=t, model=settings["model"])
-        del t5
-    if world > 1:
-        dist.barrier()  # every rank's files are on disk
-    if rank == 0:  # index what is on disk now, whichever rank (or earlier run) wrote it
-        meta = lambda kind: {f.stem: _meta(f) for f in sorted((out / kind).glob("*.safetensors"))}
-        index = dict(settings=settings, texts={k: {"caption": m["caption"]} for k, m in meta("texts").items()
-                                               if m.get("model") == settings["model"]},
-                     clips={k: {n: m[n] for n in ("path", "stamp", "bad") if n in m} for k, m in meta("clips").items()
-                            if m.get("settings") == settings})
-        (out / "index.json.tmp").write_text(json.dumps(index, indent=1))
-        os.replace(out / "index.json.tmp", out / "index.json")
-        bad = sum("bad" in e for e in index["clips"].values())
-        print(f"cache {out}: {len(index['clips']) - bad} clips, {bad} bad, {len(index['texts'])} captions")
-    if world > 1:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="python data.py cache ...: encode every clip (VAE) and caption (T5) once")
-    p.add_argument("cmd", choices=["cache"])
-    for name in ("model", "data", "out"):  # an I2V model folder; a clip folder or manifest; the cache folder
-        p.add_argument(f"--{name}", required=True)
-    for name, typ, default in [("frames", int, 49), ("fps", float, 8), ("height", int, 480), ("width", int, 720),
-                               ("batch", int, 1), ("workers", int, 2)]:  # workers: decoding processes per rank
-        p.add_argument(f"--{name}", type=typ, default=default)
-    p.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
-    a = p.parse_args()
-    logging.basicConfig(format="%(message)s")
-    build_cache(a.model, a.data, a.out, a.frames, a.fps, a.height, a.width, a.batch, a.workers, a.tile)
+if __name__ == "__main__":  # `python data.py cache ...` is `python cache.py ...`
+    import cache
+    if sys.argv[1:2] != ["cache"]:
+        sys.exit(print("error: data.py has no command line of its own; the cache is `python cache.py --model M "
+                       "--data D --out C`", file=sys.stderr) or 2)
+    sys.exit(cache.main(sys.argv[2:]))

@@ -113,6 +113,9 @@ def save_atomic(tensors, path, metadata):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: two writers never share a temp file
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    umask = os.umask(0o022)  # reading it means setting it (no threads write here); put it back at once
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600 whatever the umask; teammates must read them
     os.replace(tmp, path)
 
 

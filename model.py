@@ -277,6 +277,11 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def attention(q, k, v, L=None):
+    """Joint attention over [B, S, heads, hd] (L text tokens first; unused here). The transposes are views."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # DiT modules (attribute names = checkpoint keys)
 
@@ -348,9 +353,12 @@ class Block(nn.Module):
         self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
                                               "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
 
-    def forward(self, x, c, temb, rope, lora):
-        """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]."""
-        ab = (lambda k: None) if lora is None else (lambda k: lora.get(self.names[k]))
+    def forward(self, x, c, temb, rope, lora=None, attend=None):
+        """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]. lora: this block's factors
+        keyed by the short names ("attn1.to_q"), so every block runs the same code with the same guards and one
+        compiled graph serves them all (fast.py). attend(q, k, v, L) -> o, all [B, S, heads, hd] with the L text
+        tokens first: joint attention; fast.py swaps in a sequence-parallel one."""
+        ab = (lambda k: None) if lora is None else lora.get
         B, L, D = c.shape
         a = self.attn1
         sh, sc, g, csh, csc, cg = lora_linear(self.norm1.linear, temb, ab("norm1.linear")).chunk(6, dim=1)
@@ -364,9 +372,9 @@ class Block(nn.Module):
         if rope is not None:  # video tokens only; in place, as LayerNorm's backward keeps its input, not output
             q[:, L:] = apply_rope(q[:, L:], *rope)
             k[:, L:] = apply_rope(k[:, L:], *rope)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = (attend or attention)(q, k, v, L)
         del q, k, v
-        o = lora_linear(a.to_out[0], o.transpose(1, 2).reshape(B, S, D), ab("attn1.to_out.0"))
+        o = lora_linear(a.to_out[0], o.reshape(B, S, D), ab("attn1.to_out.0"))
         x = x + g[:, None] * o[:, L:]
         c = c + cg[:, None] * o[:, :L]
         del o
@@ -424,10 +432,26 @@ class DiT(nn.Module):
                 f"got {x.shape[1]} x {x.shape[3]} x {x.shape[4]}")
 
     def forward(self, x, text, t, ofs=None, lora=None):
-        self._check(x, text)
-        if lora and not self.lora_names.issuperset(lora):
+        v, c, temb, rope = self.embed(x, text, t, ofs, lora)
+        for block, lo in zip(self.transformer_blocks, self.block_loras(lora)):
+            v, c = block(v, c, temb, rope, lo)
+        return self.unpatchify(self.head(v, temb), x.shape)
+
+    # forward in three parts, so fast.py can run the blocks its own way (step cache, sequence parallel)
+
+    def block_loras(self, lora):
+        """The lora dict split per block, keyed by the names inside the block ([None] * blocks if no lora)."""
+        if not lora:
+            return [None] * len(self.transformer_blocks)
+        if not self.lora_names.issuperset(lora):
             raise ValueError(f"lora names no Linear of this DiT: {_few(set(lora) - self.lora_names)} "
                              f"(keys look like 'transformer_blocks.0.attn1.to_q')")
+        return [{k: lora[n] for k, n in b.names.items() if n in lora} for b in self.transformer_blocks]
+
+    def embed(self, x, text, t, ofs=None, lora=None):
+        """-> video tokens v [B, N, D], text tokens c [B, L, D], SiLU(temb) [B, E], rope (cos, sin) [N, 1, hd] | None."""
+        self._check(x, text)
+        self.block_loras(lora)  # check the names before any work
         cfg, p = self.config, self.config.patch_size
         B, Fr, _, H, W = x.shape
         dt = x.dtype
@@ -450,17 +474,22 @@ class DiT(nn.Module):
         rope = None
         if cfg.use_rotary_positional_embeddings:
             rope = tuple(r[:, None] for r in rope_3d(cfg, f, h, w, x.device))  # [N, 1, hd]
+        return v, c, temb, rope
 
-        for block in self.transformer_blocks:
-            v, c = block(v, c, temb, rope, lora)
-
+    def head(self, v, temb):
+        """Final norm + projection: video tokens [B, N, D] -> patches [B, N, p*p*C] (unpatchify makes latents)."""
         shift, scale = self.norm_out.linear(temb).chunk(2, dim=1)  # shift first (diffusers' AdaLayerNorm)
-        v = self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
-        C = cfg.out_channels
+        return self.proj_out(modulate(self.norm_out.norm(self.norm_final(v)), shift, scale))
+
+    def unpatchify(self, v, shape):
+        """Patches [B, N, p*p*C] -> v-prediction [B, F, out_channels, H, W]; shape = the input's (B, F, C, H, W)."""
+        cfg, p = self.config, self.config.patch_size
+        B, Fr, _, H, W = shape
+        C, f, h, w = cfg.out_channels, Fr // (cfg.patch_size_t or 1), H // p, W // p
         if cfg.patch_size_t is None:
-            v = v.view(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
+            v = v.reshape(B, Fr, h, w, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, F, C, h, i, w, j]
         else:
-            v = v.view(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
+            v = v.reshape(B, f, h, w, C, 2, p, p).permute(0, 1, 5, 4, 2, 6, 3, 7)  # [B, f, o, C, h, i, w, j]
         return v.reshape(B, Fr, C, H, W)
 
 
@@ -603,28 +632,38 @@ def load_t5(path, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer (tokenizer/spiece.model), ids identical to transformers' T5Tokenizer(padding="max_length",
-# truncation=True): literal special tokens first, sentencepiece on the text between them (each piece
-# gets its own dummy "▁" prefix), truncate to max_length-1, EOS (1), pad with 0.
+# Tokenizer (tokenizer/spiece.model, or tokenizer.json), ids identical to transformers' T5Tokenizer(padding=
+# "max_length", truncation=True): literal special tokens first, sentencepiece on the text between them (each
+# piece gets its own dummy "▁" prefix), truncate to max_length-1, EOS (1), pad with 0.
+
 
 class Tokenizer:
     def __init__(self, path):
-        import sentencepiece as spm
-        f = Path(path) / "spiece.model"
-        if not f.is_file():
-            raise FileNotFoundError(f"no spiece.model in {path} (we read the sentencepiece model, not tokenizer.json)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(f))
-        n_extra = 100
-        cfg = Path(path) / "tokenizer_config.json"
-        if cfg.is_file():
-            n_extra = json.loads(cfg.read_text()).get("extra_ids", 100)
-        n = self.sp.get_piece_size()
-        self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-        self.special.update({f"<extra_id_{i}>": n + n_extra - 1 - i for i in range(n_extra)})  # T5's sentinels
-        alts = sorted(self.special, key=len, reverse=True)
-        self.split = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")").split
+        path, self.tj = Path(path), None
+        if (path / "spiece.model").is_file():  # the official folder
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor(model_file=str(path / "spiece.model"))
+            cfg = path / "tokenizer_config.json"
+            n_extra = json.loads(cfg.read_text()).get("extra_ids", 100) if cfg.is_file() else 100
+            n = self.sp.get_piece_size()
+            self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+            self.special.update({f"<extra_id_{i}>": n + n_extra - 1 - i for i in range(n_extra)})  # T5's sentinels
+            alts = sorted(self.special, key=len, reverse=True)
+            self.split = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")").split
+        elif (path / "tokenizer.json").is_file():
+            # Folders saved by transformers >= 5 hold only tokenizer.json (the sentencepiece model converted to a
+            # Unigram model + normalizer + pre-tokenizer + added tokens); the `tokenizers` package runs it as
+            # transformers' T5Tokenizer does. Truncation, EOS and padding stay ours (__call__).
+            from tokenizers import Tokenizer as JsonTokenizer
+            self.tj = JsonTokenizer.from_file(str(path / "tokenizer.json"))
+            self.tj.no_truncation()
+            self.tj.no_padding()
+        else:
+            raise FileNotFoundError(f"no spiece.model or tokenizer.json in {path}")
 
     def encode(self, text):
+        if self.tj is not None:  # its added tokens (<pad>, </s>, <extra_id_N>) are matched before the model runs
+            return self.tj.encode(text, add_special_tokens=False).ids  # no post-processor: EOS is __call__'s
         ids = []
         for i, part in enumerate(self.split(text)):  # odd positions are the special tokens
             ids += [self.special[part]] if i % 2 else (self.sp.encode(part) if part else [])

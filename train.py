@@ -1,11 +1,12 @@
 """Train Video2LoRA (hypernetwork + LightLoRA auxiliary factors) on a frozen CogVideoX image-to-video model.
 
     python train.py --model CogVideoX-5b-I2V --data clips/ --out runs/v2l                    # CPU or one GPU
-    torchrun --nproc_per_node 8 train.py --model ... --data ... [--cache cache/] --out runs/v2l --checkpointing
+    torchrun --nproc_per_node 8 train.py --model ... --data ... [--cache cache/] --out runs/v2l
     torchrun ... (same arguments) --resume        # continue exactly from the newest RUN/ckpt-*.safetensors
     python sample.py ref.mp4 img.png --model ... --ckpt runs/v2l/ckpt-020000.safetensors
 
-Objective = the official CogVideoX I2V training (cogvideox-spec §4.2): v-prediction MSE at t ~ U{0..999};
+Objective = the official CogVideoX I2V training (diffusers' examples/cogvideo/train_cogvideox_image_to_video_lora.py,
+SAT's finetuning): v-prediction MSE at t ~ U{0..999};
 image condition = the first frame + exp(N(-3, 0.5^2)) pixel noise, VAE-encoded and zero-padded over the
 latent frames; the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward.
 Layouts: DiT B F C H W, VAE B C T H W. Every random draw of a sample comes from a generator seeded by
@@ -23,7 +24,7 @@ import resource
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -32,60 +33,80 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import cache as cache_lib
 import data
 import hypernet
 import model
 import sample
 import vae as vae_lib
 
-p = argparse.ArgumentParser(description="train Video2LoRA on a frozen CogVideoX I2V model")
-p.add_argument("--model", required=True, help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ ...)")
-p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> or a .csv/.jsonl manifest")
-p.add_argument("--cache", help="folder built by `python data.py cache` with the same frames/fps/size")
-p.add_argument("--out", required=True, help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
-p.add_argument("--steps", type=int, default=20000)
-p.add_argument("--batch-size", type=int, default=1, help="per process")
-p.add_argument("--lr", type=float, default=1e-4, help="the paper's (the authors' code ran 1e-5)")
-p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-p.add_argument("--trunk-lr-scale", type=float, default=0.1,
+p = data.Parser(description=__doc__, formatter_class=data.HelpFormatter)
+num = data.number
+p.add_argument("--model", required=True, metavar="DIR",
+               help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. assets")
+p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
+               ".csv/.jsonl manifest (video, caption, category)")
+p.add_argument("--cache", metavar="DIR", help="folder built by `python cache.py` from this --model with the same "
+               "frames/fps/size (default: no cache, the VAE and T5 encode every step)")
+p.add_argument("--out", required=True, metavar="DIR",
+               help="run folder: ckpt-*.safetensors, metrics.jsonl, bad_clips.txt, samples/")
+p.add_argument("--steps", type=num(int, 1), default=20000, help="total optimizer steps (the paper: ~20K on 8 GPUs)")
+p.add_argument("--batch-size", type=num(int, 1), default=1, help="clips per process and step")
+p.add_argument("--lr", type=num(float, 0), default=1e-4,
+               help="peak learning rate (the paper's; the authors' code ran 1e-5)")
+p.add_argument("--warmup", type=num(int, 0), default=100, help="linear warmup steps")
+p.add_argument("--trunk-lr-scale", type=num(float, 0), default=0.1,
                help="the hypernet trunk's lr as a fraction of --lr (its heads and the aux factors take --lr): at the "
                     "full lr the trunk learned to ignore the reference, one LoRA for every video (bench/RESULTS.md)")
 p.add_argument("--cosine", action="store_true", help="cosine decay to 0 after warmup (default: constant)")
-p.add_argument("--weight-decay", type=float, default=0.03, help="as the authors' code")
-p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm over all trainable parameters")
-p.add_argument("--frames", type=int, help="default: the model's sample_frames")
-p.add_argument("--height", type=int, help="default: the model's sample_height x 8")
-p.add_argument("--width", type=int, help="default: the model's sample_width x 8")
-p.add_argument("--fps", type=float, default=8)
-p.add_argument("--hypernet", default="default", help="hypernet.py preset")
-p.add_argument("--k", type=int, help="refinement passes (default: the preset's)")
-p.add_argument("--a", type=int, default=100)
-p.add_argument("--b", type=int, default=50)
-p.add_argument("--r", type=int, default=1)
-p.add_argument("--layers", choices=("attn", "all"), default="attn")
-p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty prompt's T5 embedding")
-p.add_argument("--log-every", type=int, default=1)
-p.add_argument("--save-every", type=int, default=400)
-p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints")
-p.add_argument("--eval-every", type=int, default=0, help="sample validation videos every N steps (0: never)")
+p.add_argument("--weight-decay", type=num(float, 0), default=0.03, help="AdamW weight decay (as the authors' code)")
+p.add_argument("--grad-clip", type=num(float, 1e-12), default=1.0,
+               help="max global grad norm over all trainable parameters")
+p.add_argument("--frames", type=num(int, 1), help="frames per clip, 4k+1 (default: the model's sample_frames)")
+p.add_argument("--height", type=num(int, 16), help="default: the model's sample_height x 8")
+p.add_argument("--width", type=num(int, 16), help="default: the model's sample_width x 8")
+p.add_argument("--fps", type=num(float, 1e-3), default=8, help="frames read per second of video (longer clips: the "
+               "first frames/fps seconds)")
+p.add_argument("--hypernet", default="default", metavar="{%s}" % ",".join(sorted(hypernet.presets)),
+               help="hypernet.py preset: default (the paper's size, for the real model), toy (the toy model in "
+                    "assets/), tiny (tests)")
+p.add_argument("--k", type=num(int, 1), help="refinement passes (default: the preset's)")
+p.add_argument("--a", type=num(int, 1), default=100, help="LightLoRA input-side aux rank (A_aux [a, d_in])")
+p.add_argument("--b", type=num(int, 1), default=50, help="LightLoRA output-side aux rank (B_aux [d_out, b])")
+p.add_argument("--r", type=num(int, 1), default=1, help="rank of the predicted LoRA per video")
+p.add_argument("--layers", choices=("attn", "all"), default="attn",
+               help="adapted DiT linears: attention q/k/v/out, or every linear of the blocks")
+p.add_argument("--caption-dropout", type=num(float, 0, 1), default=0.1,
+               help="probability of the empty prompt's T5 embedding")
+p.add_argument("--log-every", type=num(int, 1), default=10, help="a log line every N steps (and at the first and "
+               "last; metrics.jsonl has every step)")
+p.add_argument("--save-every", type=num(int, 1), default=400, help="checkpoint every N steps (and at the end)")
+p.add_argument("--keep", type=num(int, 1), default=3, help="keep the newest K checkpoints")
+p.add_argument("--eval-every", type=num(int, 0), default=0, help="sample validation videos every N steps (0: never)")
 p.add_argument("--eval-data", help="held-out clips for validation (default: the first training clips)")
-p.add_argument("--eval-n", type=int, default=2)
-p.add_argument("--eval-steps", type=int, default=20, help="denoising steps of a validation video")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+p.add_argument("--eval-n", type=num(int, 1), default=2, help="validation videos per evaluation")
+p.add_argument("--eval-steps", type=num(int, 1, 1000), default=20, help="denoising steps of a validation video")
+p.add_argument("--seed", type=num(int, 0, 2 ** 40), default=0,
+               help="init, data order, pairing and every per-sample draw")
+p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out "
+               "(the model flags stored in it win over those given now)")
 p.add_argument("--fsdp", action="store_true", help="shard the frozen DiT per block with FSDP2 (needs torchrun)")
 p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-               help="recompute each DiT block's activations in backward (at 5B a step needs ~3x the memory without)")
+               help="recompute each DiT and hypernetwork block's activations in backward (at 5B a step needs ~3x "
+                    "the memory without)")
 p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
-p.add_argument("--num-workers", type=int, default=2, help="video decoding processes per rank")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--num-workers", type=num(int, 0), default=2, help="video decoding processes per rank")
+p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; under torchrun the rank's "
+               "own GPU)")
 # bf16 is what the 5B models were trained in; on CPU bf16 matmuls are slow and fp32 keeps tests tight.
 p.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen models (default: bf16 on cuda, fp32 on cpu)")
-p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+p.add_argument("--max-bad-steps", type=num(int, 1), default=20, help="stop after this many non-finite steps in a row")
 p.add_argument("--debug-nan-at", default="", help="test hook: comma-separated steps whose loss is made NaN")
+p.add_argument("--debug-raise-at", default="", help="test hook: STEP[:RANK], that step raises (on that rank)")
 
 RANK, WORLD, LOCAL = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-STOP = []  # set by SIGTERM/SIGINT; acted on at the end of the current step
+STOP = []  # signals received while training; acted on at the end of the current step
+PHASE = ["set-up"]  # "train" once the loop runs: an error before it is the user's (one line, exit 2)
 
 
 def print0(*a):
@@ -94,16 +115,21 @@ def print0(*a):
 
 
 def on_signal(signum, frame):
-    if not STOP:
-        print0(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+    """In the loop: save after this step, exit 128+signum. During set-up (nothing to save; loading 5B takes
+    minutes) or at a second signal: stop at once."""
+    name = signal.Signals(signum).name
+    if PHASE[0] == "set-up" or STOP:
+        print0(f"{name}: stopping now, nothing saved" + (" during set-up" if PHASE[0] == "set-up" else ""))
+        raise SystemExit(128 + signum)
+    print0(f"{name}: saving a checkpoint after this step, then exiting (send it again to stop at once)")
     STOP.append(signum)
 
 
-def ignore_signals(worker_id):
-    """DataLoader workers: torchrun sends SIGTERM to each rank's whole process group; only the rank's main
-    process acts on it (finish the step, save), the workers live until it shuts them down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def own_process_group(worker_id):
+    """DataLoader workers leave the rank's process group, which torchrun's SIGTERM (and Ctrl-C) reaches: only the
+    rank acts on it (finish the step, save). Ignoring SIGTERM instead made the exit after any error wait for them
+    forever; with default handlers the DataLoader can end them, and they exit when the rank dies (its watchdog)."""
+    os.setpgrp()
 
 
 class Positions(torch.utils.data.Dataset):
@@ -244,33 +270,62 @@ def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
     return batch_inputs
 
 
+def check(args):
+    """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w),
+    training clips, validation clips, the opened cache or None)."""
+    device = sample.check_device(args.device)
+    if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
+        device = sample.check_device(f"cuda:{LOCAL}")
+    if args.fsdp and WORLD == 1:
+        raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
+    if args.hypernet not in hypernet.presets:
+        raise ValueError(f"--hypernet {args.hypernet!r}: presets are {', '.join(sorted(hypernet.presets))}")
+    mdir, run = Path(args.model), Path(args.out)
+    sample.check_model_dir(mdir)
+    cfg, native = model.DiTConfig.from_dict(model.read_config(mdir / "transformer")), cache_lib.model_sizes(mdir)
+    size = (args.frames or native[0], args.height or native[1], args.width or native[2])
+    if (size[0] - 1) % 4 or size[1] % 16 or size[2] % 16:
+        raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got {'x'.join(map(str, size))}")
+    if (cfg.use_learned_positional_embeddings and size != native) or (cfg.patch_size_t and size[1:] > native[1:]):
+        raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width), got "
+                         f"{'x'.join(map(str, size))}: leave --frames/--height/--width out")
+    clips = data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
+    eval_clips = data.scan(args.eval_data) if args.eval_data else clips
+    c = cache_lib.Cache(args.cache) if args.cache else None
+    if c is not None:
+        c.check(mdir)
+        want = dict(frames=size[0], fps=args.fps, height=size[1], width=size[2])
+        if (have := {k: c.settings.get(k) for k in want}) != want:
+            raise ValueError(f"--cache {args.cache} was built for {have}, this run wants {want}: rebuild it (python "
+                             f"cache.py --model {mdir} --data {args.data} --out DIR) or match its settings")
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"--out {run}: exists and is not a folder")
+    if (found := checkpoints(run)) and not args.resume:
+        raise FileExistsError(f"--out {run} holds {found[-1].name}: pass --resume to continue it, or a new --out")
+    data.check_writable(run / "metrics.jsonl", "--out")
+    return device, size, clips, eval_clips, c
+
+
 def main(args):
-    device = torch.device(args.device)
+    signal.signal(signal.SIGTERM, on_signal)  # set-up: stop at once; the loop: save, then stop
+    signal.signal(signal.SIGINT, on_signal)
+    device, (frames, height, width), clips, eval_clips, cache = check(args)
     if device.type == "cuda":
-        device = torch.device("cuda", LOCAL)
         torch.cuda.set_device(device)
     if WORLD > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    elif args.fsdp:
-        sys.exit("--fsdp shards the DiT over processes: run under torchrun with more than one process")
+    print0(f"loading the frozen models from {args.model}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     amp = torch.autocast(device.type, torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     run, mdir = Path(args.out), Path(args.model)
-    run.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     nan_steps = {int(s) for s in args.debug_nan_at.split(",") if s}
 
     # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
     vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
     cfg = dit.config
-    frames = args.frames or cfg.sample_frames
-    height = args.height or cfg.sample_height * vae.spatial_compression
-    width = args.width or cfg.sample_width * vae.spatial_compression
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
     A = sample.alphas_cumprod(sched_cfg).float().to(device)
-    cache = data.Cache(args.cache) if args.cache else None
     t5 = tok = None
     if cache is None or not cache.has_text("") or args.eval_every:
         tok, t5 = model.Tokenizer(mdir / "tokenizer"), model.load_t5(mdir / "text_encoder", dtype, device)
@@ -285,15 +340,13 @@ def main(args):
         return memo[caption]
     empty = embed("")  # caption dropout -> T5(""), diffusers' negative prompt (SAT used an all-zero context)
     if cache is None and not args.eval_every:  # every caption now, so that T5 leaves the device before the DiT runs
-        for caption in dict.fromkeys(c.caption for c in data.scan(args.data)):
+        for caption in dict.fromkeys(c.caption for c in clips):
             embed(caption)
     if not args.eval_every:
         t5 = None  # T5-XXL is 9.5 GB in bf16; kept only for the validation videos' prompts
 
     # ---- trainable Video2LoRA (fp32 master weights) -------------------------------------------------------
     found = checkpoints(run)
-    if found and not args.resume:
-        sys.exit(f"{run} already holds {found[-1].name}: pass --resume to continue it, or choose a new --out")
     ckpts, meta = list(found), None
     while ckpts:  # the newest that opens; a damaged file (e.g. disk full) falls back to the one before
         try:
@@ -302,13 +355,11 @@ def main(args):
         except SafetensorError as e:
             print0(f"warning: cannot read {ckpts.pop()} ({e}); trying an older checkpoint")
     if found and meta is None:
-        sys.exit(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
+        raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
     if args.resume and meta is None:
         print0(f"--resume: no checkpoint in {run} yet, starting from scratch")
     if meta is None:
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        if args.hypernet not in hypernet.presets:
-            sys.exit(f"--hypernet {args.hypernet!r}: presets are {sorted(hypernet.presets)}")
         hcfg = hypernet.presets[args.hypernet]
         hcfg = dataclasses.replace(hcfg, iters=args.k) if args.k else hcfg
         v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).to(device)
@@ -342,8 +393,13 @@ def main(args):
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         changed = {k: (v, getattr(args, k)) for k, v in meta["args"].items()
                    if k not in ("steps", "resume", "out") and getattr(args, k, v) != v}
+        # the model is built from the checkpoint whatever its flags say now; every other flag takes the value given now
+        arch, flag = ("hypernet", "k", "a", "b", "r", "layers"), lambda k: "--" + k.replace("_", "-")
+        kept = [f"{flag(k)} {v} (given {now})" for k, (v, now) in changed.items() if k in arch]
+        new = [f"{flag(k)} {v} -> {now}" for k, (v, now) in changed.items() if k not in arch]
         print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})"
-               + (f"; changed arguments (checkpoint, now): {changed}" if changed else ""))
+               + (f"; the checkpoint's model is kept: {', '.join(kept)}" if kept else "")
+               + (f"; changed from the checkpoint's: {', '.join(new)}" if new else ""))
         if RANK == 0 and (run / "metrics.jsonl").is_file():  # drop lines logged after that checkpoint
             lines = (run / "metrics.jsonl").read_text().splitlines()
             (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
@@ -361,11 +417,12 @@ def main(args):
             print0(f"saved {run / f'ckpt-{step:06d}.safetensors'}")
 
     # ---- data ---------------------------------------------------------------------------------------------
-    pairs = data.VideoPairs(data.scan(args.data), frames, args.fps, height, width, args.seed, cache, run)
+    run.mkdir(parents=True, exist_ok=True)  # the first thing written: every check above has passed
+    pairs = data.VideoPairs(clips, frames, args.fps, height, width, args.seed, cache, run)
     loader = iter(torch.utils.data.DataLoader(
         Positions(pairs, args.seed), batch_size=args.batch_size,
         sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers,
-        worker_init_fn=ignore_signals))
+        worker_init_fn=own_process_group))
     print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x batch "
            f"{args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
 
@@ -374,7 +431,7 @@ def main(args):
     def validate():
         """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
         sample.py's pipeline on the loaded modules. Every rank runs it (an FSDP-sharded DiT needs all of them)."""
-        vp = data.VideoPairs(data.scan(args.eval_data or args.data), frames, args.fps, height, width, args.seed)
+        vp = data.VideoPairs(eval_clips, frames, args.fps, height, width, args.seed)
         pipe = sample.Pipeline(dit, vae, t5, tok, sched_cfg, v2l=v2l.eval(), device=device, dtype=dtype)
         items = [it for it in (vp[i] for i in range(min(len(vp), 4 * args.eval_n))) if it is not None][:args.eval_n]
         for i, it in enumerate(items):
@@ -389,7 +446,9 @@ def main(args):
     # ---- loop -----------------------------------------------------------------------------------------------
     metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
-    bad_in_row, stop = 0, False
+    bad_in_row, stop, t_start = 0, None, time.perf_counter()
+    raise_at = tuple(map(int, args.debug_raise_at.split(":"))) if args.debug_raise_at else ()
+    PHASE[0] = "train"  # from here a signal saves first, and an error is a crash (traceback, exit 1)
     while step < args.steps and not stop:
         t0 = time.perf_counter()
         step += 1
@@ -397,11 +456,15 @@ def main(args):
         loss = step_loss(net, dit, batch_inputs(items), amp)
         if step in nan_steps:
             loss = loss * float("nan")
+        if raise_at[:1] == (step,) and raise_at[1:] in ((), (RANK,)):
+            raise RuntimeError(f"--debug-raise-at {args.debug_raise_at}: step {step} fails on rank {RANK}")
         loss.backward()
-        stats = torch.tensor([loss.item(), float(bool(STOP))], dtype=torch.float64, device=device)
+        stats = torch.tensor([loss.item(), signal.SIGINT in STOP, signal.SIGTERM in STOP], dtype=torch.float64,
+                             device=device)
         if WORLD > 1:  # average the loss; a signal that reached some ranks, or arrived between two
             dist.all_reduce(stats)  # ranks' reads of STOP, stops all of them at the same step
-        loss_avg, stop = stats[0].item() / WORLD, stats[1].item() > 0
+        loss_avg = stats[0].item() / WORLD
+        stop = signal.SIGTERM if stats[2] > 0 else signal.SIGINT if stats[1] > 0 else None
         gnorm = torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
         lr = lr_at(step, args)
         if math.isfinite(loss_avg) and torch.isfinite(gnorm):
@@ -425,7 +488,7 @@ def main(args):
             metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % args.log_every == 0:
+        if step % args.log_every == 0 or step in (1, args.steps) or stop:
             print0(f"step {step} | loss {loss_avg:.4f} | lr {lr:.2e} | {dt:.2f} s/step | "
                    f"{rec['videos_per_s']:.2f} videos/s | mem {mem:.1f} GB")
         if bad_in_row >= args.max_bad_steps:
@@ -438,10 +501,40 @@ def main(args):
         if args.eval_every and step % args.eval_every == 0:
             validate()
     bar.close()
+    last, took = checkpoints(run), time.perf_counter() - t_start
+    took = f"{took / 3600:.2f} h" if took > 3600 else f"{took:.0f} s"
+    print0(f"{'stopped' if stop else 'done'}: step {step} of {args.steps} in {took} ({skipped} steps skipped); "
+           f"last checkpoint {last[-1] if last else '(none)'}; metrics per step in {run / 'metrics.jsonl'}"
+           + (f"; unusable clips in {run / 'bad_clips.txt'}" if (run / "bad_clips.txt").is_file() else ""))
+    if last and not stop:
+        print0(f"sample with it: python sample.py REF.mp4 IMAGE.png --model {args.model} --ckpt {last[-1]}")
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if stop:  # non-zero, so a scheduler can tell an interrupted run from a finished one
+        print0(f"stopped by {stop.name} at step {step} of {args.steps}, after saving {run / f'ckpt-{step:06d}.safetensors'}"
+               f"; exit status {128 + stop} (--resume continues the run)")
+        sys.exit(128 + stop)
+
+
+def cli(argv=None):
+    """-> 0, or 2 for a mistake found in set-up (one line); a crash in the loop is a traceback and status 1."""
+    args = p.parse_args(argv)
+    run = Path(args.out)
+    made = not run.exists()
+    try:
+        main(args)
+    except (OSError, ValueError, data.VideoError, SafetensorError) as e:
+        if PHASE[0] != "set-up":
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    finally:
+        if made and run.is_dir() and not any(run.iterdir()):
+            with suppress(OSError):  # another rank may have removed it first
+                run.rmdir()  # a run that failed before writing anything leaves nothing behind
+    return 0
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    sys.exit(cli())

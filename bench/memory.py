@@ -394,9 +394,9 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
 # ---------------------------------------------------------------------------------------------------------
 
 TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
-              ("--cache (no checkpointing)", ("--cache", "-")),
+              ("--cache (no checkpointing)", ("--no-checkpointing", "--cache", "-")),
               ("--checkpointing, no cache", ("--checkpointing",)),
-              ("no checkpointing, no cache", ())]
+              ("no checkpointing, no cache", ("--no-checkpointing",))]
 
 
 def main(argv=None):

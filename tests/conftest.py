@@ -92,8 +92,8 @@ def tiny_pipe_and_dir(tmp_path_factory):
     pipe = make_pipeline(tmp)
     out = tmp / "model"
     pipe.save_pretrained(str(out), safe_serialization=True)
-    # transformers 5 writes only tokenizer.json; the official folder ships spiece.model, which is
-    # what we read.
+    # transformers 5 writes only tokenizer.json; the official folder ships spiece.model, which we
+    # read first (test_tokenizer_json_only covers a folder with tokenizer.json alone).
     shutil.copy(tmp / "tok_src" / "spiece.model", out / "tokenizer" / "spiece.model")
     return pipe, out
 

@@ -9,6 +9,7 @@ import av
 import pytest
 import torch
 
+import cache as cache_lib
 import data
 
 H, W = 64, 96
@@ -71,6 +72,17 @@ def test_timestamp_sampling(tmp_path):
     p = data.write_video(tmp_path / "b24.mp4", ramp(20), fps=24)
     table = data.read_video(p, frames=20, fps=24, height=H, width=W).mean((1, 2, 3))
     assert frame_ids(data.read_video(p, frames=7, fps=8, height=H, width=W), table) == [0, 3, 6, 9, 12, 15, 18]
+
+
+def test_start_offset(tmp_path):
+    """read_video(start=s) reads the span from s seconds on (sample.py --ref-start); past the end is an error."""
+    p = data.write_video(tmp_path / "a8.mp4", ramp(24), fps=8)
+    table = data.read_video(p, frames=24, fps=8, height=H, width=W).mean((1, 2, 3))
+    assert frame_ids(data.read_video(p, frames=9, fps=8, height=H, width=W, start=1.0), table) == list(range(8, 17))
+    assert frame_ids(data.read_video(p, frames=4, fps=4, height=H, width=W, start=0.5), table) == [4, 6, 8, 10]
+    assert data.duration(p) == pytest.approx(3.0)
+    with pytest.raises(data.VideoError, match="starts past its end: 5 s into a 3.00 s video"):
+        data.read_video(p, frames=9, fps=8, height=H, width=W, start=5)
 
 
 def test_resize_cover_crop(tmp_path):
@@ -167,13 +179,13 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     import model
     import vae as vae_mod
     clips, out, kw = data.scan(clips_dir), tmp_path / "cache", dict(frames=5, fps=8, height=H, width=W, workers=0)
-    data.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # an interrupted run: 3 clips done
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # an interrupted run: 3 clips done
     first = _mtimes(out / "clips")
     assert len(first) == 3
-    data.build_cache(tiny_model_dir, clips_dir, out, batch=2, **kw)  # resumes: the 3 done are not redone
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, batch=2, **kw)  # resumes: the 3 done are not redone
     done = _mtimes(out / "clips")
     assert len(done) == len(clips) and all(done[k] == v for k, v in first.items())
-    cache = data.Cache(out)
+    cache = cache_lib.Cache(out)
     good = [c for c in clips if cache.has(c)]
     assert sorted(os.path.basename(c.path) for c in clips if c not in good) == ["corrupt.mp4", "short.mp4"]
     assert "too short" in cache.why_missing(next(c for c in clips if c.path.endswith("short.mp4")))
@@ -205,15 +217,55 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
     # a rewritten clip is stale until re-encoded, and only it is re-encoded
     old = cache.latents(good[0])["mean"]
     data.write_video(good[0].path, ramp(20, offset=100), fps=8)
-    assert not data.Cache(out).has(good[0]) and "changed" in data.Cache(out).why_missing(good[0])
-    data.build_cache(tiny_model_dir, clips_dir, out, **kw)
+    assert not cache_lib.Cache(out).has(good[0]) and "changed" in cache_lib.Cache(out).why_missing(good[0])
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, **kw)
     again = _mtimes(out / "clips")
-    assert [k for k in done if again[k] != done[k]] == [data._key(good[0].path) + ".safetensors"]
-    cache = data.Cache(out)
+    assert [k for k in done if again[k] != done[k]] == [cache_lib._key(good[0].path) + ".safetensors"]
+    cache = cache_lib.Cache(out)
     assert cache.has(good[0]) and not torch.equal(cache.latents(good[0])["mean"], old)
     # different preprocessing settings re-encode everything
-    data.build_cache(tiny_model_dir, clips_dir, out, limit=1, **{**kw, "width": 64})
-    assert data.Cache(out).settings["width"] == 64 and len(data.Cache(out).clips) == 1
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=1, **{**kw, "width": 64})
+    assert cache_lib.Cache(out).settings["width"] == 64 and len(cache_lib.Cache(out).clips) == 1
     with pytest.raises(ValueError, match="was built with"):
-        data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, cache=data.Cache(out))
+        data.VideoPairs(clips, frames=9, fps=8, height=H, width=W, cache=cache_lib.Cache(out))
 
+
+
+def test_cache_cli_defaults_and_failure(clips_dir, tiny_model_dir, tmp_path, capsys):
+    """frames/size come from the model as in train.py (the tiny one: 9 frames, 64x96; the old defaults, 49 frames
+    at 480x720, found every clip too short and exited 0); nothing usable cached is an error (status 2)."""
+    argv = ["--model", str(tiny_model_dir), "--data", str(clips_dir), "--workers", "0"]
+    assert cache_lib.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    c = cache_lib.Cache(tmp_path / "a")
+    assert {k: c.settings[k] for k in ("frames", "height", "width", "fps")} == dict(frames=9, height=H, width=W, fps=8)
+    assert "6 clips, 2 bad, of 8" in capsys.readouterr().out
+    assert cache_lib.main(argv + ["--out", str(tmp_path / "b"), "--frames", "49"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no usable clip was cached"), err
+    assert data.build_cache is cache_lib.build_cache and data.Cache is cache_lib.Cache  # the old names still work
+
+
+def test_cache_refuses_another_model(clips_dir, tiny_model_dir, tmp_path):
+    """The cache records its VAE's and text encoder's configs and weight fingerprints; a model that differs in
+    either is refused with a message saying which, though frames and size match."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "cache"
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=1, workers=0)
+    c = cache_lib.Cache(out)
+    c.check(tiny_model_dir)
+    for sub, what in (("vae", "another VAE than"), ("text_encoder", "another text encoder/tokenizer")):
+        other = tmp_path / sub / "model"
+        shutil.copytree(tiny_model_dir, other)
+        f = next((other / sub).glob("*.safetensors"))
+        sd = load_file(str(f))
+        k = sorted(sd)[0]
+        sd[k] = sd[k] + 1e-3  # a retrained model: same shapes, other numbers
+        save_file(sd, str(f), {"format": "pt"})
+        with pytest.raises(ValueError, match=what):
+            c.check(other)
+    index = json.loads((out / "index.json").read_text())
+    del index["settings"]["vae"]  # a cache from before the model was recorded
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="did not record the model"):
+        cache_lib.Cache(out).check(tiny_model_dir)

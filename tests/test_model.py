@@ -251,6 +251,27 @@ def test_tokenizer_matches_transformers(tiny_tokenizer_dir):
     assert torch.equal(ours(texts, max_length=40), want)
 
 
+def test_tokenizer_json_only(tiny_tokenizer_dir, tmp_path):
+    """A folder saved by current transformers (tokenizer.json, no spiece.model) is read with `tokenizers`; its ids
+    equal transformers' on that folder and our sentencepiece path's on the original one."""
+    from transformers import T5Tokenizer
+    T5Tokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(str(tmp_path))
+    assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "spiece.model").exists()
+    ref, ours = T5Tokenizer.from_pretrained(str(tmp_path)), model.Tokenizer(tmp_path)
+    sp = model.Tokenizer(tiny_tokenizer_dir)
+    assert ours.tj is not None and sp.tj is None
+    import random
+    rng = random.Random(1)
+    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", "é", "日", "</s>", "<pad>", "<unk>", "<extra_id_3>", "<", "_"]
+    texts = AWKWARD + ["".join(rng.choice(bits) for _ in range(rng.randint(0, 30))) for _ in range(100)]
+    for max_length in (226, 16):
+        want = ref(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+        got = ours(texts, max_length=max_length)
+        for text, g, w in zip(texts, got, want):
+            assert torch.equal(g, w), (text[:40], g.tolist(), w.tolist())
+        assert torch.equal(got, sp(texts, max_length=max_length))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The official folder layout (conftest's tiny I2V pipeline) and error cases
 
@@ -335,7 +356,7 @@ def test_load_errors(dit_folder, tmp_path_factory):
         (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="feed_forward_proj='relu'"):
         model.T5Config.from_dict(dict(TINY_T5, feed_forward_proj="relu"))
-    with pytest.raises(FileNotFoundError, match="no spiece.model"):
+    with pytest.raises(FileNotFoundError, match="no spiece.model or tokenizer.json"):
         model.Tokenizer(folder)
 
 

@@ -1,4 +1,5 @@
 """sample.py: schedulers vs diffusers, the I2V pipeline vs diffusers' on the tiny folder, the CLI."""
+import numpy as np
 import pytest
 import torch
 
@@ -202,10 +203,39 @@ def test_cli_end_to_end(capsys, tiny_model_dir, ckpts, files, tmp_path):
                         "--offload"])
     stdout = capsys.readouterr().out
     print(stdout)
-    assert code == 0 and stdout.startswith(f"wrote {out}") and "denoise" in stdout
+    last = stdout.strip().splitlines()[-1]  # the lines before it: a line per slow stage
+    assert code == 0 and last.startswith(f"wrote {out} (9x64x96, 8 fps), ") and "denoise" in last
+    assert f"{tmp_path / 'l.safetensors'} (LoRA for --lora)" in last and f"{tmp_path / 'd.safetensors'}" in last
+    assert "loading " in stdout and "\ndecode ... " in stdout
     frames = _frames(out)  # decodes back with PyAV
     assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
     assert (tmp_path / "l.safetensors").is_file() and (tmp_path / "d.safetensors").is_file()
+
+
+def test_cli_lora_round_trip(capsys, tiny_model_dir, ckpts, files, tmp_path):
+    """--save-lora writes what --lora reads: the same video from the LoRA file alone (no hypernetwork), bit for
+    bit; --lora files blend with references by weight, as references blend with each other."""
+    import data
+    import lightlora
+    data.write_video(tmp_path / "ref2.mp4", _video(12, 64, 96, seed=5))
+    run = lambda *a: sample.main([*map(str, a), "--model", str(tiny_model_dir), "--steps", "2", "--device", "cpu"])
+    ck, ref, ref2, img = ckpts / "random.safetensors", files / "ref.mp4", tmp_path / "ref2.mp4", files / "img.png"
+    assert run(ref, img, "--ckpt", ck, "--out", tmp_path / "a.mp4", "--save-lora", tmp_path / "a.safetensors") == 0
+    assert run(img, "--lora", tmp_path / "a.safetensors", "--out", tmp_path / "b.mp4") == 0
+    assert run(ref2, img, "--ckpt", ck, "--out", tmp_path / "c.mp4", "--save-lora", tmp_path / "c.safetensors") == 0
+    assert run(ref2, img, "--ckpt", ck, "--lora", f"{tmp_path / 'a.safetensors'}:3", "--out", tmp_path / "m.mp4",
+               "--save-lora", tmp_path / "m.safetensors", "--lora-scale", "0.5") == 0
+    assert run(img, "--no-ref", "--out", tmp_path / "base.mp4") == 0
+    a, b, c, base = (torch.from_numpy(np.stack(_frames(tmp_path / f"{n}.mp4"))) for n in ("a", "b", "c", "base"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, base)
+    la, lc, mix = (lightlora.load_native(tmp_path / f"{n}.safetensors") for n in ("a", "c", "m"))
+    x = torch.randn(1, 7, 32, dtype=torch.float64)
+    eff = lambda lora, k: x @ lora[k][0].double() @ lora[k][1].double()
+    for k in la:  # weights 1 (the reference) and 3 (the file), normalised; --lora-scale halves both
+        want = 0.5 * (0.25 * eff(lc, k) + 0.75 * eff(la, k))
+        assert mix[k][0].shape[-1] == 2 and ((eff(mix, k) - want).abs().max() / want.abs().max()) < 1e-6
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith(f"wrote {tmp_path / 'base.mp4'}") and "ref->lora" not in out[-1]
 
 
 def test_cli_script_error(files, tmp_path):
@@ -226,25 +256,35 @@ def _fails(capsys, argv, out, match):
 
 
 @pytest.mark.parametrize("case", ["missing image", "missing ref", "bad video", "short ref", "frames", "size",
-                                  "learned pe", "no model", "no ckpt", "wrong ckpt", "not a ckpt", "out folder"])
+                                  "learned pe", "no model", "no ckpt", "wrong ckpt", "not a ckpt", "out folder",
+                                  "no ref", "lora other model", "lora not a lora", "lora unreadable", "missing lora"])
 def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
     out = tmp_path / "out.mp4"
     if case in ("frames", "size"):
         out.write_bytes(b"old")  # an existing output is left alone
     ref, img, m, ck = str(files / "ref.mp4"), str(files / "img.png"), str(tiny_model_dir), str(ckpts / "zero.safetensors")
+    if case == "lora other model":  # a LoRA for a DiT of width 7 instead of 32
+        import lightlora
+        lightlora.save_native(tmp_path / "other.safetensors", {"transformer_blocks.0.attn1.to_q": (
+            torch.zeros(1, 7, 1), torch.zeros(1, 1, 7))})
     argv, match = {
         "missing image": ([ref, str(files / "nope.png"), "--model", m, "--ckpt", ck], "nope.png"),
         "missing ref": ([str(files / "nope.mp4"), img, "--model", m, "--ckpt", ck], "nope.mp4"),
         "bad video": ([str(files / "bad.mp4"), img, "--model", m, "--ckpt", ck], "bad.mp4"),
         "short ref": ([str(files / "short.mp4"), img, "--model", m, "--ckpt", ck], "too short"),
         "frames": ([ref, img, "--model", m, "--ckpt", ck, "--frames", "13"], "8k+1"),
-        "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiples of 16"),
+        "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiple of 16"),
         "learned pe": ([ref, img, "--model", m, "--ckpt", ck, "--height", "128", "--width", "192"], "only takes"),
         "no model": ([ref, img, "--model", str(tmp_path / "nowhere")], "no model at"),
         "no ckpt": ([ref, img, "--model", m], "--no-ref"),
         "wrong ckpt": ([ref, img, "--model", m, "--ckpt", str(ckpts / "other.safetensors")], "adapted layers"),
         "not a ckpt": ([ref, img, "--model", m, "--ckpt", str(files / "bad.mp4")], "bad.mp4"),
         "out folder": ([ref, img, "--model", m, "--ckpt", ck], "folder"),
+        "no ref": ([img, "--model", m], "--lora FILE or --no-ref"),
+        "lora other model": ([img, "--model", m, "--lora", str(tmp_path / "other.safetensors")], "does not fit"),
+        "lora not a lora": ([img, "--model", m, "--lora", ck], "not a native video2lora LoRA"),
+        "lora unreadable": ([img, "--model", m, "--lora", str(files / "bad.mp4")], "not a readable LoRA"),
+        "missing lora": ([img, "--model", m, "--lora", str(files / "nope.safetensors:2")], "nope.safetensors"),
     }[case]
     if case == "out folder":
         out = tmp_path / "missing" / "out.mp4"

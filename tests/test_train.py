@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cache as cache_lib
 import data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def cache(tiny_model_dir, clips, tmp_path_factory):
     out, threads = tmp_path_factory.mktemp("cache"), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: a second (shared, busy) core only adds OpenMP spinning
     try:
-        data.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
+        cache_lib.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -95,8 +96,12 @@ def straight(tiny_model_dir, clips, cache, tmp_path_factory):
 
 def test_log_and_checkpoints(straight, tiny_model_dir):
     out, log = straight
-    lines = [l for l in log.splitlines() if l.startswith("step ")]
-    assert len(lines) == 4 and all(" | loss " in l and " videos/s | mem " in l for l in lines), log
+    lines = [l for l in log.splitlines() if l.startswith("step ")]  # default --log-every 10: the first and the last
+    assert [l.split(" |")[0] for l in lines] == ["step 1", "step 4"], log
+    assert all(" | loss " in l and " videos/s | mem " in l for l in lines), log
+    summary = next(l for l in log.splitlines() if l.startswith("done: "))
+    assert summary.startswith("done: step 4 of 4 in ") and str(out / "ckpt-000004.safetensors") in summary, summary
+    assert str(out / "metrics.jsonl") in summary and str(out / "bad_clips.txt") in summary, summary
     assert [p.name for p in sorted(out.glob("ckpt-*"))] == [f"ckpt-00000{i}.safetensors" for i in (2, 3, 4)]
     assert len(losses(out)) == 4 and all(l > 0 for l in losses(out))
     bad = (out / "bad_clips.txt").read_text()
@@ -141,7 +146,7 @@ def test_ddp_equals_one_process(straight, tiny_model_dir, clips, cache, tmp_path
 
 
 def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tmp_path):
-    """SIGTERM (preemption) saves at the end of the step and exits 0; --resume then gives the uninterrupted
+    """SIGTERM (preemption) saves at the end of the step and exits 143 (128 + 15); --resume then gives the uninterrupted
     run's losses and weights exactly, skipping a half-written temporary file and a damaged checkpoint."""
     out, _ = straight
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(clips), "--out",
@@ -152,13 +157,17 @@ def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tm
         log.append(line)
         if line.startswith("step 1 |"):
             proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(log)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(log)
     ckpts = sorted(tmp_path.glob("ckpt-*.safetensors"))
     assert "SIGTERM" in "".join(log) and len(ckpts) == 1 and ckpts[0].name < "ckpt-000003", "".join(log)
     (tmp_path / "ckpt-000003.safetensors.tmp").write_bytes(b"\0" * 100)  # what a kill during a save leaves
     (tmp_path / "ckpt-000099.safetensors").write_bytes(b"garbage")  # e.g. a full disk
-    r = train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 2, "--cache", cache, "--resume")
+    # --a is the model's (the checkpoint's wins), --log-every is not: both are named, the run stays exact
+    r = train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 2, "--cache", cache, "--resume",
+              "--a", 16, "--log-every", 1)
     assert f"resumed from {ckpts[0]}" in r.stdout, r.stdout
+    assert "the checkpoint's model is kept: --a 8 (given 16)" in r.stdout, r.stdout
+    assert "changed from the checkpoint's: --log-every 10 -> 1" in r.stdout, r.stdout
     assert losses(tmp_path) == losses(out)[:3]
     close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 0)
 

@@ -415,35 +415,52 @@ def estimate_shift(a, b, radius=None):
     return _peak(ncc_surface(a, b, radius or int(0.45 * min(a.shape))))[:2]
 
 
-def estimate_scale(a, b, lo=0.4, hi=2.5, steps=41, near=None, within=0.35):
-    """Magnification of frame b relative to a (>1: b is zoomed in), by brute force: zoom a about its centre
-    by each candidate scale and keep the one that correlates best with b at its best shift (a zoom about
-    any other centre is that zoom plus a shift); a zoomed-out a is compared only where it is defined. With
-    `near`, only scales within exp(+-within) of it are candidates (tracked_scale)."""
+SCALES = torch.exp(torch.linspace(math.log(0.4), math.log(2.5), 41, dtype=torch.float64))  # candidate zooms
+
+
+def scale_scores(a, b):
+    """[len(SCALES)]: how well frame b matches frame a zoomed about its centre by each candidate scale, at its
+    best shift (a zoom about any other centre is that zoom plus a shift); a zoomed-out a is compared only where
+    it is defined."""
     a, b = _gray(a), _gray(b)
-    H, W = a.shape
-    zs = torch.exp(torch.linspace(math.log(lo), math.log(hi), steps, dtype=torch.float64))
-    theta = torch.zeros(steps, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zs
-    grid = F.affine_grid(theta, [steps, 1, H, W], align_corners=False)
-    x = torch.stack([a, torch.ones_like(a)])[None].expand(steps, 2, H, W)
+    H, W, n = *a.shape, len(SCALES)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / SCALES
+    grid = F.affine_grid(theta, [n, 1, H, W], align_corners=False)
+    x = torch.stack([a, torch.ones_like(a)])[None].expand(n, 2, H, W)
     az, m = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False).unbind(1)
     valid = m > 1 - 1e-6
-    c = ncc_surface(torch.where(valid, az, 0), b, int(0.45 * min(H, W)), valid, min_overlap=0.1)
-    score = c.flatten(1).amax(1)
-    allowed = score if near is None else score.masked_fill((zs.log() - math.log(near)).abs() > within, -math.inf)
-    k = int(allowed.argmax().clamp(1, steps - 2))
-    return math.exp(math.log(zs[k]) + _vertex(*score[k - 1:k + 2].tolist()) * math.log(hi / lo) / (steps - 1))
+    return ncc_surface(torch.where(valid, az, 0), b, int(0.45 * min(H, W)), valid, min_overlap=0.1).flatten(1).amax(1)
 
 
-def tracked_scale(clip):
-    """Scale of the last frame against frame 0, each frame's candidates limited to near the previous frame's
-    estimate. Why: a strong zoom through the toy VAE leaves the last frame so soft that a zoom-out matches
-    it best (a x2 zoom read as x0.48); a frame's scale cannot jump, and each frame is still compared with frame 0."""
-    z = 1.0
+def _refine(score, k):
+    """Scale at candidate k, refined by the parabola through its neighbours' scores."""
+    k = min(max(k, 1), len(SCALES) - 2)
+    step = math.log(SCALES[1] / SCALES[0])
+    return math.exp(math.log(SCALES[k]) + _vertex(*score[k - 1:k + 2].tolist()) * step)
+
+
+def estimate_scale(a, b):
+    """Magnification of frame b relative to a (>1: b is zoomed in), by brute force over SCALES."""
+    score = scale_scores(a, b)
+    return _refine(score, int(score.argmax()))
+
+
+def tracked_scale(clip, within=0.35):
+    """Scale of the last frame against frame 0 on the best-scoring path of per-frame scales (each frame still
+    compared with frame 0) whose log changes by at most `within` between frames (a Viterbi pass). Why: a
+    strong zoom through the toy VAE leaves the last frames so soft that, alone, a zoom the other way matches
+    them best (a x2 zoom read as x0.48), and a single soft middle frame must not steer the path either."""
+    n, shifts = len(SCALES), range(-int(within / math.log(SCALES[1] / SCALES[0])), 0)
+    shifts = [*shifts, *(-d for d in reversed(shifts)), 0]
+    idx = torch.arange(n)
+    beyond = torch.stack([(idx - d < 0) | (idx - d >= n) for d in shifts])  # roll wraps around: mask those
+    best = torch.full((n,), -math.inf, dtype=torch.float64)
+    best[int(SCALES.log().abs().argmin())], score = 0, None  # frame 0 against itself: scale 1
     for f in clip[1:]:
-        z = estimate_scale(clip[0], f, near=z)
-    return z
+        score = scale_scores(clip[0], f)
+        best = torch.stack([best.roll(d) for d in shifts]).masked_fill(beyond, -math.inf).amax(0) + score
+    return 1.0 if score is None else _refine(score, int(best.argmax()))
 
 
 def track(clip):

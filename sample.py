@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
+import diffusion
 import fast
 import hypernet
 import lightlora
@@ -210,15 +211,13 @@ class Pipeline:
                 image = F.interpolate(image[None].float(), (height, width), mode="bicubic", antialias=True)[0]
             mean, logvar = self._encode(image.clamp(0, 1)[None, :, None])  # [1,3,1,H,W]
             eps = torch.randn(mean.shape, generator=g, dtype=mean.dtype).to(dev)
-            z = (mean + torch.exp(0.5 * logvar) * eps).to(dt).permute(0, 2, 1, 3, 4)  # [1,1,C,h,w]
-            sf = self.vae.config.scaling_factor
-            # 1.5-I2V: diffusers divides by the scaling factor (SAT uses the raw latent; spec §11.3)
-            z = 1 / sf * z if self.vae.config.invert_scale_latents else sf * z
+            z = diffusion.posterior(mean, logvar, eps).to(dt).permute(0, 2, 1, 3, 4)  # [1,1,C,h,w]
+            z = diffusion.scale_image_latent(z, self.vae.config)
 
         n_lat = (frames - 1) // 4 + 1
-        pad = (-n_lat) % c.patch_size_t if c.patch_size_t else 0  # 1.5: even latent count, dropped after
+        pad = diffusion.frame_pad(n_lat, c)  # 1.5: noise for one more latent frame, dropped after
         shape = (1, n_lat + pad, c.in_channels // 2, height // 8, width // 8)
-        z_img = torch.cat([z, z.new_zeros(1, shape[1] - 1, *shape[2:])], dim=1)
+        z_img = diffusion.image_condition(z, shape[1])
         x = torch.randn(shape, generator=g, dtype=dt).to(dev)
         ofs = x.new_full((1,), 2.0) if c.ofs_embed_dim else None
         A, T = alphas_cumprod(self.sched_cfg), self.sched_cfg.get("num_train_timesteps", 1000)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import cache as cache_lib
 import data
+import diffusion
 import hypernet
 import model
 import sample
@@ -175,11 +176,6 @@ def lr_at(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
 
 
-def posterior(mean, logvar, eps):
-    """DiagonalGaussian sample; VAE.encode already clamped logvar to [-30, 20] as diffusers does."""
-    return mean.float() + (0.5 * logvar.float()).exp() * eps
-
-
 def is_trunk(name):
     return name.startswith("hypernet.") and not name.startswith("hypernet.head_")
 
@@ -227,42 +223,36 @@ def step_loss(net, dit, batch, amp):
 
 
 def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
-    """-> batch_inputs(items), the model inputs of one step from the loader's items."""
+    """-> batch_inputs(items), the model inputs of one step from the loader's items (the objective: diffusion.py)."""
     sf = vae.config.scaling_factor
-    # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
-    # the same, so train and sample see the same condition.
-    img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
 
     @torch.no_grad()
     def batch_inputs(items):
         """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
         gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
-        draw = lambda g, shape: torch.randn(shape, generator=g).to(device)
+        draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         drop = torch.stack([torch.rand((), generator=g) for g in gens]) < args.caption_dropout  # no host sync
         t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
-        sigma = torch.stack([(torch.randn((), generator=g) * 0.5 - 3).exp() for g in gens]).to(device)
-        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W], [-1,1]
-        first = first + sigma[:, None, None, None] * torch.stack([draw(g, first.shape[1:]) for g in gens])
+        z = torch.stack([torch.randn((), generator=g) for g in gens])
+        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W]
+        first = diffusion.noisy_image(first, z, draw(first.shape[1:]))
         if cache:
             mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
             ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
         else:
             # one clip at a time ([F,3,H,W] -> [1,3,F,H,W]): a 49x480x720 encode alone peaks at ~8 GiB
             enc = lambda v: vae.encode(v.to(device, dtype).transpose(0, 1)[None])
-            mean, logvar = (torch.cat(z) for z in zip(*(enc(it["video"]) for it in items)))
+            mean, logvar = (torch.cat(parts) for parts in zip(*(enc(it["video"]) for it in items)))
             ref = torch.cat([enc(it["ref"])[0] for it in items])
-        x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
+        x0 = diffusion.posterior(mean.float(), logvar.float(), draw(mean.shape[1:])) * sf
         im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
-        img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
+        img = diffusion.scale_image_latent(diffusion.posterior(im.float(), iv.float(), draw(im.shape[1:])),
+                                           vae.config)
         x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
         ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
-        if cfg.patch_size_t and x0.shape[1] % 2:  # 1.5: duplicate latent frame 0 in front (spec §4.2)
-            x0 = torch.cat([x0[:, :1], x0], 1)
-        img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
-        eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
-        a = A[t].view(-1, 1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        x0 = diffusion.pad_video(x0, cfg)
+        img = diffusion.image_condition(img, x0.shape[1])
+        x_t, v = diffusion.add_noise(x0, draw(x0.shape[1:]), A[t])
         text = torch.stack([it["text"] if "text" in it else embed(it["caption"]) for it in items])
         text = torch.where(drop[:, None, None], empty, text).to(device, dtype)
         ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None

@@ -265,6 +265,35 @@ class VideoPairs(torch.utils.data.Dataset):
         return out
 
 
+class Stream(torch.utils.data.Dataset):
+    """Global sample number n -> item. Epoch n // N shuffles the clips with a permutation seeded by (seed,
+    epoch); a bad clip (None from VideoPairs, which lists it in bad_clips.txt) is replaced by the next one of
+    the permutation, so the stream is a pure function of n whatever the workers, ranks or restarts."""
+
+    def __init__(self, pairs, seed):
+        self.pairs, self.seed, self.perm = pairs, seed, (None, None)
+
+    def __getitem__(self, n):
+        N = len(self.pairs)
+        epoch, i = divmod(n, N)
+        if self.perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self.perm = (epoch, torch.randperm(N, generator=g).tolist())
+        self.pairs.set_epoch(epoch)
+        for k in range(N):
+            item = self.pairs[self.perm[1][(i + k) % N]]
+            if item is not None:
+                return dict(item, n=n)
+        raise RuntimeError("no usable clip left in the data set (see bad_clips.txt in the run folder)")
+
+
+def sample_numbers(start, bs, rank=0, world=1):
+    """A rank's global sample numbers from `start` on (train.py's sampler): step s takes [s*W*bs, (s+1)*W*bs)."""
+    while True:
+        yield from range(start + rank * bs, start + (rank + 1) * bs)
+        start += world * bs
+
+
 def collate(items):
     """Drop None items (bad clips) and stack the rest (dicts of tensors stay dicts); None if none is left."""
     items = [x for x in items if x is not None]

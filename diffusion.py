@@ -2,8 +2,8 @@
 
 Mirrors diffusers' examples/cogvideo/train_cogvideox_image_to_video_lora.py (training) and
 pipelines/cogvideo/pipeline_cogvideox_image2video.py (prepare_latents). Free functions of tensors: every
-random draw is the caller's (each keeps its own generator and draw order). Latents here are in the DiT
-layout B F C H W unless a function says otherwise.
+random draw is the caller's (each keeps its own generator and draw order); batch_fn applies them to
+train.py's batches. Latents are in the DiT layout B F C H W unless a function says otherwise.
 """
 import torch
 
@@ -50,3 +50,42 @@ def add_noise(x0, eps, a):
     """-> (x_t, v target) at alpha_bar a [B] (v-prediction: v = sqrt(a) eps - sqrt(1-a) x0)."""
     a = a.view(-1, 1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
+    """train.py's step inputs: -> batch_inputs(items), the model inputs of one step from the loader's items. Each
+    sample draws from its own generator, seeded by (args.seed, its global sample number n)."""
+    sf = vae.config.scaling_factor
+
+    @torch.no_grad()
+    def batch_inputs(items):
+        """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
+        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
+        draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        drop = torch.stack([torch.rand((), generator=g) for g in gens]) < args.caption_dropout  # no host sync
+        t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
+        z = torch.stack([torch.randn((), generator=g) for g in gens])
+        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W]
+        first = noisy_image(first, z, draw(first.shape[1:]))
+        if cache:
+            mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
+            ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
+        else:
+            # one clip at a time ([F,3,H,W] -> [1,3,F,H,W]): a 49x480x720 encode alone peaks at ~8 GiB
+            enc = lambda v: vae.encode(v.to(device, dtype).transpose(0, 1)[None])
+            mean, logvar = (torch.cat(parts) for parts in zip(*(enc(it["video"]) for it in items)))
+            ref = torch.cat([enc(it["ref"])[0] for it in items])
+        x0 = posterior(mean.float(), logvar.float(), draw(mean.shape[1:])) * sf
+        im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
+        img = scale_image_latent(posterior(im.float(), iv.float(), draw(im.shape[1:])),
+                                           vae.config)
+        x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
+        ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
+        x0 = pad_video(x0, cfg)
+        img = image_condition(img, x0.shape[1])
+        x_t, v = add_noise(x0, draw(x0.shape[1:]), A[t])
+        text = torch.stack([it["text"] if "text" in it else embed(it["caption"]) for it in items])
+        text = torch.where(drop[:, None, None], empty, text).to(device, dtype)
+        ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None
+        return torch.cat([x_t, img], 2).to(dtype), text, t, ofs, ref, v
+    return batch_inputs

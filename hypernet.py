@@ -12,13 +12,14 @@ Video2LoRA = hypernet + LightLoRA aux factors, the whole trainable part, with it
 Tests: tests/test_lora.py
 """
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lightlora import LightLoRA, save_atomic
 from model import sincos_1d
@@ -180,11 +181,35 @@ class Video2LoRA(nn.Module):
                     names=lo.names, shapes=lo.shapes)
 
 
-def save(path, v2l, extra={}, meta={}):
-    """One safetensors file: trainable weights under hypernet.* / lora.*, `extra` tensors as given (optim.*,
-    rng.*), configs + layer names as JSON metadata "video2lora", the caller's `meta` as JSON "meta"."""
-    sd = {**v2l.state_dict(), **extra}
-    save_atomic(sd, path, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta)})
+def save(path, v2l, opt=None, meta=None):
+    """One safetensors file: trainable weights under hypernet.* / lora.*, configs + layer names as JSON metadata
+    "video2lora", the caller's `meta` as JSON "meta". With a training run's AdamW `opt` (over v2l's parameters):
+    its state as optim.<parameter name>.<field> (load_optimizer reads it) and the torch RNG as rng.torch."""
+    sd = dict(v2l.state_dict())
+    if opt is not None:
+        name = {id(p): n for n, p in v2l.named_parameters()}
+        names = [name[id(p)] for g in opt.param_groups for p in g["params"]]  # the state's indices
+        for i, state in opt.state_dict()["state"].items():
+            sd.update({f"optim.{names[i]}.{k}": v for k, v in state.items()})
+        sd["rng.torch"] = torch.get_rng_state()  # unused by train.py's maths (per-sample generators)
+    save_atomic(sd, path, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta or {})})
+
+
+def load_optimizer(path, v2l, opt, device="cpu"):
+    """Puts the AdamW state and RNG that save(..., opt) wrote back into `opt` (built over v2l's parameters)."""
+    name = {id(p): n for n, p in v2l.named_parameters()}
+    index = {name[id(p)]: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    state = {}
+    with safe_open(str(path), "pt", device=str(device)) as fh:
+        for key in fh.keys():
+            if key.startswith("optim."):  # optim.<parameter name>.<field>
+                n, field = key[6:].rsplit(".", 1)
+                state.setdefault(index[n], {})[field] = fh.get_tensor(key)
+        if "rng.torch" in fh.keys():
+            torch.set_rng_state(fh.get_tensor("rng.torch").cpu())
+    for s in state.values():
+        s["step"] = s["step"].cpu()  # AdamW keeps its step count on the CPU
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def load(path, dit, device="cpu"):
@@ -209,3 +234,28 @@ def load(path, dit, device="cpu"):
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the model its own config describes: {e}") from None
     return v2l.to(device), json.loads(md.get("meta", "{}"))
+
+
+def checkpoints(run):
+    """train.py's complete checkpoints RUN/ckpt-<step>.safetensors, oldest first (save writes
+    'ckpt-N.safetensors.tmp<pid>', then renames)."""
+    found = []
+    for f in Path(run).glob("ckpt-*.safetensors"):
+        m = re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name)
+        if m:
+            found.append((int(m[1]), f))
+    return [f for _, f in sorted(found)]
+
+
+def load_latest(run, dit, device="cpu", warn=print):
+    """-> (Video2LoRA, meta, path) of the newest checkpoint in `run` that opens, or None when there is none. A
+    damaged file (e.g. disk full) falls back to the one before; a checkpoint of another model raises ValueError."""
+    found = checkpoints(run)
+    for path in reversed(found):
+        try:
+            return (*load(path, dit, device), path)
+        except SafetensorError as e:
+            warn(f"warning: cannot read {path} ({e}); trying an older checkpoint")
+    if found:
+        raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
+    return None

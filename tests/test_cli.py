@@ -134,7 +134,7 @@ def test_cli_error(capsys, world, tiny_model_dir, script, case):
     build, match = CASES[script, case]
     argv = [str(a) for a in build(world, tiny_model_dir)]
     before = snapshot(world, tiny_model_dir)
-    entry = {"train": train.cli, "cache": cache.main, "sample": sample.main}[script]
+    entry = {"train": train.main, "cache": cache.main, "sample": sample.main}[script]
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         code = entry(argv)

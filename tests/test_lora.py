@@ -183,8 +183,15 @@ def test_save_load(dit, tmp_path):
     v2l = Video2LoRA(dit, "tiny", a=10, b=5, layers="all", scale=0.5)
     torch.nn.init.normal_(v2l.hypernet.head_B.weight, std=0.1)
     path = tmp_path / "ckpt.safetensors"
-    hypernet.save(path, v2l, extra={"optim.state": torch.ones(3)}, meta={"step": 7})
+    opt = torch.optim.AdamW(v2l.parameters())
+    sum(u.sum() for _, u in v2l(refs()).values()).backward()
+    opt.step()
+    hypernet.save(path, v2l, opt, meta={"step": 7})
     back, meta = hypernet.load(path, dit)
+    opt2 = torch.optim.AdamW(back.parameters())
+    hypernet.load_optimizer(path, back, opt2)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
     assert meta == {"step": 7} and back.lora.scale == 0.5 and back.lora.names == v2l.lora.names
     assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32 for p in back.parameters())
     sd, sd2 = v2l.state_dict(), back.state_dict()

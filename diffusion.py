@@ -1,4 +1,5 @@
-"""The image-to-video objective and its conditioning, written once for train.py, sample.py and bench/toy.py.
+"""The image-to-video objective, its noise schedule and its conditioning, written once for train.py, sample.py
+and bench/toy.py.
 
 Mirrors diffusers' examples/cogvideo/train_cogvideox_image_to_video_lora.py (training) and
 pipelines/cogvideo/pipeline_cogvideox_image2video.py (prepare_latents). Free functions of tensors: every
@@ -6,6 +7,25 @@ random draw is the caller's (each keeps its own generator and draw order); batch
 train.py's batches. Latents are in the DiT layout B F C H W unless a function says otherwise.
 """
 import torch
+
+
+def alphas_cumprod(cfg):
+    """Cumulative alphas from scheduler_config.json: scaled-linear betas, SD3-style SNR shift, then the
+    zero-terminal-SNR rescale (alpha_bar[-1] = 0)."""
+    for key, want in (("beta_schedule", "scaled_linear"), ("prediction_type", "v_prediction"),
+                      ("timestep_spacing", "trailing")):
+        if cfg.get(key, want) != want:
+            raise ValueError(f"scheduler config: {key}={cfg[key]!r} is not supported (only {want!r})")
+    betas = torch.linspace(cfg.get("beta_start", 0.00085) ** 0.5, cfg.get("beta_end", 0.012) ** 0.5,
+                           cfg.get("num_train_timesteps", 1000), dtype=torch.float64) ** 2
+    a = torch.cumprod(1.0 - betas, dim=0)
+    s = cfg.get("snr_shift_scale", 3.0)  # diffusers' default when the key is absent
+    a = a / (s + (1 - s) * a)
+    if cfg.get("rescale_betas_zero_snr", False):
+        r = a.sqrt()
+        r0, rT = r[0].clone(), r[-1].clone()
+        a = ((r - rT) * (r0 / (r0 - rT))) ** 2
+    return a
 
 
 def posterior(mean, logvar, eps):

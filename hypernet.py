@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from lightlora import LightLoRA, save_atomic
+import common
+from lightlora import LightLoRA
 from model import sincos_1d
 
 
@@ -192,7 +193,7 @@ def save(path, v2l, opt=None, meta=None):
         for i, state in opt.state_dict()["state"].items():
             sd.update({f"optim.{names[i]}.{k}": v for k, v in state.items()})
         sd["rng.torch"] = torch.get_rng_state()  # unused by train.py's maths (per-sample generators)
-    save_atomic(sd, path, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta or {})})
+    common.save_safetensors(path, sd, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta or {})})
 
 
 def load_optimizer(path, v2l, opt, device="cpu"):
@@ -212,16 +213,23 @@ def load_optimizer(path, v2l, opt, device="cpu"):
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+class Unreadable(ValueError):
+    """A checkpoint that is not a readable safetensors file (damaged, truncated, another format)."""
+
+
 def load(path, dit, device="cpu"):
     """-> (Video2LoRA on device, meta). Checks the checkpoint was made for this DiT's adapted layers."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Video2LoRA checkpoint not found: {path}")
-    with safe_open(str(path), "pt", device="cpu") as f:
-        md = f.metadata() or {}
-        if "video2lora" not in md:
-            raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
-        cfg = json.loads(md["video2lora"])
-        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            md = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
+    except SafetensorError as e:
+        raise Unreadable(f"{path}: not a readable checkpoint ({e})") from None
+    if "video2lora" not in md:
+        raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
+    cfg = json.loads(md["video2lora"])
     with torch.device("meta"):  # no init work: every weight comes from the file (assign=True below)
         v2l = Video2LoRA(dit, HyperNetConfig(**cfg["hypernet"]), cfg["a"], cfg["b"], cfg["r"], cfg["layers"],
                          cfg["scale"])
@@ -254,8 +262,8 @@ def load_latest(run, dit, device="cpu", warn=print):
     for path in reversed(found):
         try:
             return (*load(path, dit, device), path)
-        except SafetensorError as e:
-            warn(f"warning: cannot read {path} ({e}); trying an older checkpoint")
+        except Unreadable as e:
+            warn(f"warning: {e}; trying an older checkpoint")
     if found:
         raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
     return None

@@ -340,6 +340,12 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(D, D)])
 
 
+# A block's Linears by their names inside it (the keys of its lora dict); attention's are what --layers attn adapts.
+BLOCK_LINEARS = ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm2.linear",
+                 "ff.net.0.proj", "ff.net.2")
+ATTN_LINEARS = BLOCK_LINEARS[1:5]
+
+
 class Block(nn.Module):
     def __init__(self, cfg, prefix):
         super().__init__()
@@ -349,9 +355,7 @@ class Block(nn.Module):
         D = cfg.inner_dim
         self.norm2 = AdaNorm(cfg, 6)
         self.ff = _holder(net=nn.ModuleList([_holder(proj=nn.Linear(D, 4 * D)), nn.Identity(), nn.Linear(4 * D, D)]))
-        # full Linear names, the keys of the lora dict
-        self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
-                                              "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
+        self.names = {k: prefix + k for k in BLOCK_LINEARS}  # full Linear names, the keys of the lora dict
 
     def forward(self, x, c, temb, rope, lora=None, attend=None):
         """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]. lora: this block's factors

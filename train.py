@@ -30,15 +30,16 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 import cache as cache_lib
+import common
 import data
 import hypernet
 import model
 import sample
 import vae as vae_lib
-from diffusion import batch_fn
+from diffusion import alphas_cumprod, batch_fn
 
-p = data.Parser(description=__doc__, formatter_class=data.HelpFormatter)
-num = data.number
+p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+num = common.number
 p.add_argument("--model", required=True, metavar="DIR",
                help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. assets")
 p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
@@ -198,22 +199,16 @@ def step_loss(net, dit, batch, amp):
 def check(args):
     """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w),
     training clips, validation clips, the opened cache or None)."""
-    device = sample.check_device(args.device)
+    device = common.check_device(args.device)
     if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
-        device = sample.check_device(f"cuda:{LOCAL}")
+        device = common.check_device(f"cuda:{LOCAL}")
     if args.fsdp and WORLD == 1:
         raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
     if args.hypernet not in hypernet.presets:
         raise ValueError(f"--hypernet {args.hypernet!r}: presets are {', '.join(sorted(hypernet.presets))}")
     mdir, run = Path(args.model), Path(args.out)
-    sample.check_model_dir(mdir)
-    cfg, native = model.DiTConfig.from_dict(model.read_config(mdir / "transformer")), cache_lib.model_sizes(mdir)
-    size = (args.frames or native[0], args.height or native[1], args.width or native[2])
-    if (size[0] - 1) % 4 or size[1] % 16 or size[2] % 16:
-        raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got {'x'.join(map(str, size))}")
-    if (cfg.use_learned_positional_embeddings and size != native) or (cfg.patch_size_t and size[1:] > native[1:]):
-        raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width), got "
-                         f"{'x'.join(map(str, size))}: leave --frames/--height/--width out")
+    common.check_model_dir(mdir)
+    size, _ = common.model_size(mdir, args.frames, args.height, args.width, step=4)
     clips = data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
     eval_clips = data.scan(args.eval_data) if args.eval_data else clips
     c = cache_lib.Cache(args.cache) if args.cache else None
@@ -223,11 +218,9 @@ def check(args):
         if (have := {k: c.settings.get(k) for k in want}) != want:
             raise ValueError(f"--cache {args.cache} was built for {have}, this run wants {want}: rebuild it (python "
                              f"cache.py --model {mdir} --data {args.data} --out DIR) or match its settings")
-    if run.exists() and not run.is_dir():
-        raise NotADirectoryError(f"--out {run}: exists and is not a folder")
+    common.check_out_dir(run, "--out")
     if (found := hypernet.checkpoints(run)) and not args.resume:
         raise FileExistsError(f"--out {run} holds {found[-1].name}: pass --resume to continue it, or a new --out")
-    data.check_writable(run / "metrics.jsonl", "--out")
     return device, size, clips, eval_clips, c
 
 
@@ -248,7 +241,7 @@ def run(args):
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
     vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
-    A = sample.alphas_cumprod(sched_cfg).float().to(device)
+    A = alphas_cumprod(sched_cfg).float().to(device)
     t5 = tok = None
     if cache is None or not cache.has_text("") or args.eval_every:
         tok, t5 = model.Tokenizer(mdir / "tokenizer"), model.load_t5(mdir / "text_encoder", dtype, device)
@@ -431,8 +424,7 @@ def main(argv=None):
     except (OSError, ValueError, data.VideoError, SafetensorError) as e:
         if PHASE[0] != "set-up":
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return common.error_line(e)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

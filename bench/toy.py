@@ -294,7 +294,7 @@ def stage_dit(args):
     write_index(mdir)
     vae = vae_lib.load_vae(mdir / "vae")
     S = latent_set(args, out / "data/train", vae)  # builds the cache.py cache on first use
-    A = sample.alphas_cumprod(SCHED_CFG).float()
+    A = diffusion.alphas_cumprod(SCHED_CFG).float()
     torch.manual_seed(0)
     cfg = model.DiTConfig(**DIT_CFG)
     if args.resume:  # continue pretraining the saved transformer (fresh optimizer)
@@ -392,7 +392,7 @@ def stage_oracle(args):
     import torch.multiprocessing as mp
     out, mdir = Path(args.out), Path(args.out) / "model"
     vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
-    A = sample.alphas_cumprod(SCHED_CFG).float()
+    A = diffusion.alphas_cumprod(SCHED_CFG).float()
     sets = {"train": latent_set(args, out / "data/train", vae),
             "train_heldout": latent_set(args, out / "data/train_heldout", vae)}
     names = lightlora.adapted_linears(dit, "attn")

@@ -66,7 +66,7 @@ def correlation(x, R):
     return (win * x[:, :, :, None]).sum(2)
 
 
-def sincos_3d(f, h, w, dim, device=None):
+def video_positions(f, h, w, dim, device=None):
     """Fixed table [f*h*w, dim], rows (f, h, w), columns time | height | width = dim/4 | 3dim/8 | 3dim/8. Built for
     the actual grid, so any reference length and size works; a padded frame gets the same rows as unpadded."""
     dt, dh = dim // 4, dim * 3 // 8
@@ -139,7 +139,7 @@ class HyperNet(nn.Module):
         B, Fr, _, H, W = latents.shape
         x = F.pad(latents.to(self.patch_embed.weight.dtype), (0, -W % p, 0, -H % p))  # odd latent sizes
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = sincos_3d(Fr, h, w, cfg.width, x.device).to(x.dtype)
+        pos = video_positions(Fr, h, w, cfg.width, x.device).to(x.dtype)
         x = torch.cat([x, correlation(x, cfg.corr_radius)], 2)  # [B, F, C + (2R+1)^2, H, W]
         video = self.video_norm(self.patch_embed(patchify(x, p)) + pos)  # [B, F*h*w, d]
         mask = None

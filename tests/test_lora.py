@@ -2,6 +2,7 @@
 LoRA path == materialised dW == merged == diffusers with our exported file, save/load, 5B counts on meta.
 Run: python -m pytest -q tests/test_lora.py  (-s prints the counts and errors)"""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_diffusers_loads_our_export(dit, tiny_model_dir, tmp_path, layers):
 
 def test_counts_5b_i2v_on_meta():
     with torch.device("meta"):
-        dit5 = model.DiT(model.DiTConfig(**model.DIT_PRESETS["5b-i2v"]))
+        dit5 = model.DiT(model.presets["5b-i2v"])
         v2l = Video2LoRA(dit5)
         every = lightlora.LightLoRA(dit5, layers="all")
     c = v2l.count()
@@ -199,6 +200,6 @@ def test_save_load(dit, tmp_path):
     with torch.no_grad():
         r = refs()
         assert all(torch.equal(u, v) for (_, u), (_, v) in zip(v2l(r).values(), back(r).values()))
-    other = model.DiT(model.DiTConfig(**dict(model.DIT_PRESETS["tiny"], num_layers=3)))
+    other = model.DiT(replace(model.presets["tiny"], num_layers=3))
     with pytest.raises(ValueError, match="16 adapted layers.*this DiT has 24"):
         hypernet.load(path, other)

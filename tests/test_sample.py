@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from dataclasses import replace
 
 import sample
 from conftest import DDIM_CONFIG
@@ -138,7 +139,7 @@ def ckpts(tiny_model_dir, tmp_path_factory):
     hypernet.save(tmp / "zero.safetensors", hypernet.Video2LoRA(dit, "tiny"))
     hypernet.save(tmp / "random.safetensors", perturb(hypernet.Video2LoRA(dit, "tiny"), std=0.5))
     with torch.device("meta"):
-        other = model.DiT(model.DiTConfig(**dict(model.DIT_PRESETS["tiny"], num_layers=3)))
+        other = model.DiT(replace(model.presets["tiny"], num_layers=3))
     hypernet.save(tmp / "other.safetensors", hypernet.Video2LoRA(other, "tiny"))
     return tmp
 

@@ -156,10 +156,20 @@ def test_refinement_passes(dit):
     torch.manual_seed(0)
     v2l = Video2LoRA(dit, "tiny")
     torch.nn.init.normal_(v2l.hypernet.head_B.weight, std=0.1)
-    outs = [v2l.hypernet(refs(), iters=k) for k in (1, 2, 3, 4)]
+    hn = v2l.hypernet
+    outs = [hn(refs(), iters=k) for k in (1, 2, 3, 4)]
     for i in range(4):
         for j in range(i):
             assert rel_err(outs[i][0], outs[j][0]) > 1e-4 and rel_err(outs[i][1], outs[j][1]) > 1e-4
+    # eq. 4: the passes only add residual updates to a state that starts at 0. Zero passes read the heads off
+    # state 0; with the update layer zeroed every k gives exactly that.
+    L, d = hn.weight_tokens.shape
+    zero = hn.head_norm(torch.zeros(2, L, d))
+    want = hn.head_A(zero).view(2, L, hn.r, hn.a), hn.head_B(zero).view(2, L, hn.b, hn.r)
+    assert all(torch.equal(a, b) for a, b in zip(hn(refs(), iters=0), want))
+    torch.nn.init.zeros_(hn.update.weight)
+    torch.nn.init.zeros_(hn.update.bias)
+    assert all(torch.equal(a, b) for k in (1, 3) for a, b in zip(hn(refs(), iters=k), want))
 
 
 @torch.no_grad()

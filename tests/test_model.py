@@ -119,6 +119,11 @@ def test_dit_size_errors(dit_pair):
         x, text, t = inputs(cfg, 2, 8, 12)
         with pytest.raises(ValueError, match=f"exactly {L_TEXT} text tokens"):
             ours(x, text[:, :5], t)
+    if name == "5b":  # RoPE alone: no size error to raise; another frame count and size run, shaped like the input
+        x, text, t = inputs(cfg, 2, 10, 14)
+        with torch.no_grad():
+            out = ours(x, text, t)
+        assert out.shape == (2, 2, cfg["out_channels"], 10, 14) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("dit_pair", ["5b"], indirect=True)

@@ -2,7 +2,7 @@
 the loaders that read the official Hugging Face folders (`transformer/`, `text_encoder/`, `tokenizer/`).
 
 Layout: DiT latents are `B F C H W` (frames before channels, as the diffusers pipelines hold them).
-Numbers follow diffusers 0.42 / transformers 5 (see /work/shared/cogvideox-spec.md §3, §6, §9);
+Numbers follow diffusers 0.42's models/transformers/cogvideox_transformer_3d.py and transformers 5's T5;
 tests/test_model.py checks them on tiny random models:  python -m pytest -q tests/test_model.py
 """
 import json
@@ -242,9 +242,9 @@ def _rope_1d(d, pos):
 
 
 def rope_3d(cfg, f, h, w, device=None):
-    """(cos, sin), each [f*h*w, head_dim] float32, for a latent patch grid f x h x w (spec §3.5).
-    1.0 models place the grid on the sample_height/width grid by diffusers' resize-crop + linspace;
-    1.5 models use plain integer positions up to sample_height/width // 2."""
+    """(cos, sin), each [f*h*w, head_dim] float32, for a latent patch grid f x h x w (diffusers' embeddings.py
+    get_3d_rotary_pos_embed). 1.0 models place the grid on the sample_height/width grid by diffusers'
+    resize-crop + linspace; 1.5 models use plain integer positions up to sample_height/width // 2."""
     p, hd = cfg.patch_size, cfg.attention_head_dim
     bh, bw = cfg.sample_height // p, cfg.sample_width // p
     if cfg.patch_size_t is None:
@@ -270,7 +270,7 @@ def rope_3d(cfg, f, h, w, device=None):
 
 def apply_rope(x, cos, sin):
     """x [B, N, heads, hd]; cos/sin [N, 1, hd] fp32. Pairs (2j, 2j+1) rotate; done in fp32 and cast
-    back like diffusers (spec §9). In place on our own fp32 copy, with diffusers' rounding (x*cos and
+    back like diffusers' apply_rotary_emb. In place on our own fp32 copy, with diffusers' rounding (x*cos and
     rot*sin each rounded, then summed): two fp32 temporaries instead of five."""
     xf = x.to(torch.float32, copy=True)
     x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)

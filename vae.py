@@ -3,7 +3,7 @@ plain modules whose names mirror the checkpoint keys (`encoder.*`, `decoder.*`).
 
 Layout: `B C T H W` (channels before frames). `encode`: pixels in [-1, 1] -> (mean, logvar), unscaled;
 `decode`: unscaled latents -> pixels. Scaling by `config.scaling_factor` is the caller's job.
-Numbers follow diffusers 0.42 (/work/shared/cogvideox-spec.md §5): the video goes through in temporal
+Numbers follow diffusers 0.42's models/autoencoders/autoencoder_kl_cogvideox.py: the video goes through in temporal
 chunks whose causal-conv caches carry over and whose GroupNorm statistics are per chunk, so the chunking
 is part of the model. Optional spatial tiling equals diffusers' `enable_tiling()` path.
 Tests: python -m pytest -q tests/test_vae.py

@@ -3,16 +3,14 @@
     python cache.py --model CogVideoX-5b-I2V --data clips/ --out cache/           # frames/size from the model
     torchrun --nproc_per_node 8 cache.py --model ... --data ... --out ...           # ranks split the clips
 
-One safetensors file per clip and per caption, each with its own metadata, so an interrupted run resumes from
-what is on disk; index.json is rebuilt from those files by rank 0 at the end. Clip files keep VAE.encode's
-output in the VAE layout [C,F',h,w] (bf16) and frame 0 as uint8. The index records what the latents depend on
-(the VAE's and text encoder's configs, a fingerprint of their weights and of the tokenizer) and train.py
-refuses a cache built with another model.
+A safetensors file per clip (VAE.encode's [C,F',h,w] bf16, frame 0 uint8) and per caption, with metadata, so a
+run resumes from what is on disk; rank 0 indexes it with what it depends on (common.depends) for train.py.
 """
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from datetime import timedelta
 from functools import partial
@@ -24,11 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+import common
 import data
-from lightlora import save_atomic
-
-log = logging.getLogger("data")
-
+import model
+from vae import load_vae
 
 def _key(s):
     return hashlib.sha1(s.encode()).hexdigest()[:24]
@@ -47,54 +44,24 @@ def _meta(path):  # a missing, foreign or damaged file counts as absent (and is 
         return {}
 
 
-def fingerprint(folder):
-    """sha256 of a model folder's files: json/model files whole; for a weight file its size, its safetensors
-    header (names, dtypes, shapes, offsets) and 16 evenly spaced 64 KiB pieces of its data. Another or retrained
-    model changes it, and it reads ~1 MB per file where hashing T5-XXL whole would read 9.5 GB."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            if f.suffix != ".safetensors" or size < 2 ** 21:
-                h.update(fh.read())
-                continue
-            n = int.from_bytes(fh.read(8), "little")  # safetensors: 8-byte header length, JSON header, data
-            h.update(str(size).encode() + fh.read(n))
-            for i in range(16):
-                fh.seek(8 + n + (size - 8 - n - 65536) * i // 15)
-                h.update(fh.read(65536))
-    return h.hexdigest()[:32]
-
-
-def depends(model_dir):
-    """What the cached tensors are a function of: {"vae": ..., "text": ...} (configs + weight fingerprints)."""
-    d = Path(model_dir)
-    part = lambda sub: dict(config=json.loads((d / sub / "config.json").read_text()), weights=fingerprint(d / sub))
-    return dict(vae=part("vae"), text=dict(part("text_encoder"), tokenizer=fingerprint(d / "tokenizer")))
-
-
 class Cache:
     """Read side of a folder built by `python cache.py`."""
 
     def __init__(self, root):
         self.root = Path(root)
         if not (self.root / "index.json").is_file():
-            raise FileNotFoundError(f"--cache {root}: no index.json there (build it with `python cache.py --model "
-                                    f"MODEL --data DATA --out {root}`)")
+            raise FileNotFoundError(f"--cache {root}: no index.json there (build it with `python cache.py`)")
         vars(self).update(json.loads((self.root / "index.json").read_text()))  # settings, text_model, clips, texts
 
-    def check(self, model_dir):
+    def check(self, mdir):
         """ValueError unless the cache was built with this model's VAE and text encoder."""
         if "vae" not in self.settings:
-            raise ValueError(f"--cache {self.root} was built by an older data.py, which did not record the model: "
-                             f"rebuild it with `python cache.py --model {model_dir} ...`")
-        want, have = depends(model_dir), dict(vae=self.settings.get("vae"), text=getattr(self, "text_model", None))
+            raise ValueError(f"--cache {self.root}: an older data.py built it and did not record the model: rebuild it")
+        want, have = common.depends(mdir), dict(vae=self.settings.get("vae"), text=getattr(self, "text_model", None))
         if bad := [k for k in ("vae", "text") if have[k] != want[k]]:
             what = " and ".join({"vae": "VAE", "text": "text encoder/tokenizer"}[k] for k in bad)
-            raise ValueError(f"--cache {self.root} was built with another {what} than --model {model_dir} has "
-                             f"(built from {self.settings.get('model', '?')}): rebuild it with `python cache.py "
-                             f"--model {model_dir} ...` or pass the model it was built with")
+            raise ValueError(f"--cache {self.root} was built with another {what} than --model {mdir} has (built "
+                             f"from {self.settings.get('model', '?')}): rebuild it (python cache.py) or pass it")
 
     def why_missing(self, clip):  # -> None when cached and usable (a deleted source is fine, a changed one stale)
         e = self.clips.get(_key(clip.path))
@@ -126,45 +93,34 @@ def _decode(clips, **kw):  # the DataLoader's collate_fn, so decoding runs in it
     return out
 
 
-def model_sizes(model_dir):
-    """(frames, height, width) the model was made for, as train.py and sample.py default to."""
-    import model as M
-    cfg, vcfg = M.read_config(Path(model_dir) / "transformer"), M.read_config(Path(model_dir) / "vae")
-    s = 2 ** (len(vcfg.get("block_out_channels", (128, 256, 256, 512))) - 1)
-    return cfg.get("sample_frames", 49), cfg.get("sample_height", 60) * s, cfg.get("sample_width", 90) * s
-
-
 @torch.no_grad()
 def build_cache(model_dir, data_dir, out, frames=None, fps=8, height=None, width=None, batch=1, workers=2,
                 tile=False, limit=None):
     """-> (usable clips, bad clips) in the index. frames/height/width default to the model's own."""
-    import model as M  # the frozen encoders are needed only here
-    import vae as V
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out, model_dir, clips = Path(out), Path(model_dir), data.scan(data_dir)
-    native = model_sizes(model_dir)
+    native = common.model_sizes(model_dir)
     frames, height, width = frames or native[0], height or native[1], width or native[2]
-    dep = depends(model_dir)
+    dep = common.depends(model_dir)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(hours=24))  # for the barriers only
     dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     settings = dict(frames=frames, fps=fps, height=height, width=width, vae=dep["vae"])
     file = lambda kind, s: out / kind / f"{_key(s)}.safetensors"
-
-    save = lambda f, tensors, **meta: save_atomic(tensors, f, {k: json.dumps(v) for k, v in meta.items()})
+    save = lambda f, tensors, **meta: common.save_safetensors(f, tensors, {k: json.dumps(v) for k, v in meta.items()})
 
     def done(c):  # encoded (or found bad) from this very file with these settings
         m = _meta(file("clips", c.path))
         return m.get("settings") == settings and _stamp(c.path) in (m["stamp"], None)
 
     if todo := [c for i, c in enumerate(clips) if i % world == rank and not done(c)][:limit]:
-        vae, bar = V.load_vae(model_dir / "vae", dtype, dev), tqdm(total=len(todo), desc=f"cache clips (rank {rank})")
+        vae, bar = load_vae(model_dir / "vae", dtype, dev), tqdm(total=len(todo), desc=f"cache clips (rank {rank})")
         for items in torch.utils.data.DataLoader(todo, batch_size=batch, num_workers=workers, collate_fn=partial(
                 _decode, frames=frames, fps=fps, height=height, width=width)):
             for c, s, v in items:
                 if isinstance(v, str):
-                    log.warning(f"warning: skipping {c.path}: {v}")
+                    data.log.warning(f"warning: skipping {c.path}: {v}")
                     save(file("clips", c.path), {}, path=c.path, stamp=s, settings=settings, bad=v)
             if good := [(c, s, v) for c, s, v in items if torch.is_tensor(v)]:
                 x = torch.stack([v for _, _, v in good]).transpose(1, 2)  # [B,F,3,H,W] -> VAE [B,3,F,H,W]
@@ -179,7 +135,7 @@ def build_cache(model_dir, data_dir, out, frames=None, fps=8, height=None, width
     captions = sorted({c.caption for c in clips})
     if todo := [t for j, t in enumerate(captions)
                 if j % world == rank and _meta(file("texts", t)).get("model") != dep["text"]]:
-        tok, t5 = M.Tokenizer(model_dir / "tokenizer"), M.load_t5(model_dir / "text_encoder", dtype, dev)
+        tok, t5 = model.Tokenizer(model_dir / "tokenizer"), model.load_t5(model_dir / "text_encoder", dtype, dev)
         for k in tqdm(range(0, len(todo), 8), desc=f"cache captions (rank {rank})"):
             for t, e in zip(todo[k:k + 8], t5(tok(todo[k:k + 8]).to(dev))):
                 save(file("texts", t), {"text": e.bfloat16().cpu()}, caption=t, model=dep["text"])
@@ -192,8 +148,8 @@ def build_cache(model_dir, data_dir, out, frames=None, fps=8, height=None, width
                  clips={k: {n: m[n] for n in ("path", "stamp", "bad") if n in m} for k, m in meta("clips").items()
                         if m.get("settings") == settings})
     if rank == 0:  # index what is on disk now, whichever rank (or earlier run) wrote it
-        (out / "index.json.tmp").write_text(json.dumps(index, indent=1))
-        os.replace(out / "index.json.tmp", out / "index.json")
+        with common.atomic(out / "index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=1))
     bad = sum("bad" in e for e in index["clips"].values())
     if world > 1:
         dist.destroy_process_group()
@@ -201,21 +157,20 @@ def build_cache(model_dir, data_dir, out, frames=None, fps=8, height=None, width
 
 
 def cli():
-    p = data.Parser(description=__doc__, formatter_class=data.HelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="CogVideoX I2V folder (the one train.py gets)")
-    p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
-                   ".csv/.jsonl manifest (video, caption, category)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the cache folder, for train.py --cache (an "
-                   "interrupted run resumes; a re-run encodes only what is missing or changed)")
-    p.add_argument("--frames", type=data.number(int, 1), help="frames per clip (default: the model's sample_frames, "
-                   "as train.py)")
-    p.add_argument("--height", type=data.number(int, 16), help="default: the model's sample height, as train.py")
-    p.add_argument("--width", type=data.number(int, 16), help="default: the model's sample width, as train.py")
-    p.add_argument("--fps", type=data.number(float, 1e-3), default=8, help="frames read per second of video (as "
-                   "train.py --fps)")
-    p.add_argument("--batch", type=data.number(int, 1), default=1, help="clips per VAE encode")
-    p.add_argument("--workers", type=data.number(int, 0), default=2, help="video decoding processes per rank")
-    p.add_argument("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
+    p, num = common.Parser(description=__doc__, formatter_class=common.HelpFormatter), common.number
+    arg = p.add_argument
+    arg("--model", required=True, metavar="DIR", help="CogVideoX I2V folder (the one train.py gets)")
+    arg("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a .csv/.jsonl "
+        "manifest (video, caption, category)")
+    arg("--out", required=True, metavar="DIR", help="the cache folder, for train.py --cache (an interrupted run "
+        "resumes; a re-run encodes only what is missing or changed)")
+    arg("--frames", type=num(int, 1), help="frames per clip (default: the model's sample_frames, as train.py)")
+    arg("--height", type=num(int, 16), help="default: the model's sample height, as train.py")
+    arg("--width", type=num(int, 16), help="default: the model's sample width, as train.py")
+    arg("--fps", type=num(float, 1e-3), default=8, help="frames read per second of video (as train.py --fps)")
+    arg("--batch", type=num(int, 1), default=1, help="clips per VAE encode")
+    arg("--workers", type=num(int, 0), default=2, help="video decoding processes per rank")
+    arg("--tile", action="store_true", help="tiled VAE encode (less memory, slightly different numbers)")
     return p
 
 
@@ -224,25 +179,19 @@ def main(argv=None):
     logging.basicConfig(format="%(message)s")
     out, made = Path(a.out), not Path(a.out).exists()
     try:  # every check that needs no model weights, before anything is written
-        import sample
-        sample.check_model_dir(a.model)
+        common.check_model_dir(a.model)
         n = len(data.scan(a.data))
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"--out {out}: exists and is not a folder")
-        data.check_writable(out, "--out")
+        common.check_out_dir(out, "--out")
         good, bad = build_cache(a.model, a.data, out, a.frames, a.fps, a.height, a.width, a.batch, a.workers, a.tile)
     except (OSError, ValueError) as e:
         if made and out.is_dir() and not any(out.rglob("*.safetensors")):
-            import shutil
             shutil.rmtree(out)  # only what this run made: empty clips/ texts/ folders
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return common.error_line(e)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"cache {out}: {good} clips, {bad} bad, of {n}")
         if not good:
-            print(f"error: no usable clip was cached from --data {a.data} (the reasons are above); check --frames/"
-                  f"--fps (a clip needs frames/fps seconds) or the clips", file=sys.stderr)
-            return 2
+            return common.error_line(f"no usable clip was cached from --data {a.data} (the reasons are above); "
+                                     f"check --frames/--fps (a clip needs frames/fps seconds) or the clips")
     return 0
 
 

@@ -1,13 +1,11 @@
-"""Video data for video2lora: PyAV reading/writing, datasets of (target, same-category reference)
-pairs, and the small command-line helpers the three scripts share (one-line errors, checked numbers).
+"""Video data for video2lora: PyAV reading/writing and the datasets of (target, same-category reference)
+pairs train.py reads.
 
 Videos are [F,3,H,W] in [-1,1] as read. The latent cache (VAE posteriors, T5 embeddings) is cache.py.
 """
-import argparse
 import csv
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -19,52 +17,12 @@ import av
 import torch
 import torch.nn.functional as F
 
+import common
+
 log = logging.getLogger("data")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The --help style of sample.py, train.py and cache.py: the module docstring (its example commands) as the
-    description, and each flag's default after its help unless the default is unset (the help says what then)."""
-
-    def _get_help_string(self, action):
-        d = action.default
-        return action.help if d is None or d is False or d == "" or d == [] else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line and exit status 2, like every other user error of the scripts
-    (argparse's own prints the whole usage block first)."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def number(typ=int, lo=None, hi=None):
-    """argparse type: a finite int/float in [lo, hi] (float("nan") parses, and `nan > 1` is False: --guidance nan
-    would silently turn guidance off)."""
-    def parse(s):
-        try:
-            x = typ(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if typ is int else 'a number'}") from None
-        if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
-            rng = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"{s} is out of range (a finite number {rng})")
-        return x
-    return parse
-
-
-def check_writable(path, option):
-    """OSError unless `path` could be created (or replaced) by us: not a folder, and its nearest existing folder
-    is writable. Run before any work, so a bad output path costs nothing."""
-    path = Path(os.path.abspath(path))
-    parent = next(p for p in path.parents if p.exists())
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option} {path}: cannot write in {parent} (choose another path)")
+OUT_EXTS = (".mp4", ".mov", ".mkv", ".m4v")  # containers that take H.264, which write_video encodes
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class VideoError(Exception):
@@ -140,9 +98,37 @@ def duration(path):
         return None
 
 
+def read_reference(path, frames, height, width, start=0.0):
+    """A reference video for sample.py -> [F,3,H,W] in [0,1] at 8 fps from `start` s: `frames` of them, or a
+    short video's longest 8k+1 prefix (not a frozen tail fed to the hypernetwork). Notes go to stderr."""
+    v, n = read_video(path, frames, fps=8, height=height, width=width, allow_short=True, start=start)
+    keep = frames if n >= frames else (n - 1) // 8 * 8 + 1
+    if keep < 9:
+        raise ValueError(f"{path}: too short: {n} frames at 8 fps from {start:g} s on, a reference needs at least 9")
+    span = f"{start:.2f}-{start + keep / 8:.2f} s"
+    length = duration(path) if keep == frames else None
+    if keep < frames:
+        print(f"note: {path} gives only {n} frames at 8 fps (< {frames}): using its first {keep} ({span})",
+              file=sys.stderr)
+    elif length and length > start + (keep + 1) / 8:
+        print(f"note: {path} lasts {length:.2f} s; the model reads {keep} frames at 8 fps: using {span} "
+              f"(--ref-start SECONDS picks another span)", file=sys.stderr)
+    return (v[:keep] + 1) / 2
+
+
 def read_image(path, height, width):
     """png/jpg/... (anything FFmpeg decodes; a video gives its first frame) -> [3,height,width] in [-1,1]."""
     return read_video(path, 1, 1, height, width)[0]
+
+
+def check_video_out(path, option):
+    """ValueError unless write_video can write `path`: an H.264 container's name, and an FFmpeg with libx264."""
+    if Path(path).suffix.lower() not in OUT_EXTS:
+        raise ValueError(f"{option} {path}: the video is H.264, so the name must end in one of {' '.join(OUT_EXTS)}")
+    try:
+        av.codec.Codec("libx264", "w")
+    except Exception:
+        raise ValueError("this PyAV/FFmpeg build has no libx264 encoder (pip install av ships one)") from None
 
 
 def write_video(path, video, fps=8, crf=18):
@@ -153,22 +139,16 @@ def write_video(path, video, fps=8, crf=18):
     H, W = video.shape[-2:]
     x = F.pad(video.float(), (0, W % 2, 0, H % 2), mode="replicate") if H % 2 or W % 2 else video
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        with av.open(str(tmp), "w") as c:
-            s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            # a fixed thread count: x264's output depends on it, and by default it follows the CPUs this process
-            # may use, so the same frames gave different files on different machines or under taskset/cgroups
-            opts = {"crf": str(crf), "threads": "4"}
-            s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", opts
-            for frame in x:
-                c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            c.mux(s.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with common.atomic(path) as tmp, av.open(str(tmp), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        # a fixed thread count: x264's output depends on it, and by default it follows the CPUs this process
+        # may use, so the same frames gave different files on different machines or under taskset/cgroups
+        opts = {"crf": str(crf), "threads": "4"}
+        s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", opts
+        for frame in x:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(s.encode(None))
+    return Path(path)
 
 
 # ---- datasets: root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a CSV/JSONL manifest ----
@@ -265,22 +245,36 @@ class VideoPairs(torch.utils.data.Dataset):
         return out
 
 
+class Stream(torch.utils.data.Dataset):
+    """Global sample number n -> item. Epoch n // N shuffles the clips with a permutation seeded by (seed,
+    epoch); a bad clip (None from VideoPairs, which lists it in bad_clips.txt) is replaced by the next one of
+    the permutation, so the stream is a pure function of n whatever the workers, ranks or restarts."""
+
+    def __init__(self, pairs, seed):
+        self.pairs, self.seed, self.perm = pairs, seed, (None, None)
+
+    def __getitem__(self, n):
+        N = len(self.pairs)
+        epoch, i = divmod(n, N)
+        if self.perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self.perm = (epoch, torch.randperm(N, generator=g).tolist())
+        self.pairs.set_epoch(epoch)
+        for k in range(N):
+            item = self.pairs[self.perm[1][(i + k) % N]]
+            if item is not None:
+                return dict(item, n=n)
+        raise RuntimeError("no usable clip left in the data set (see bad_clips.txt in the run folder)")
+
+
+def sample_numbers(start, bs, rank=0, world=1):
+    """A rank's global sample numbers from `start` on (train.py's sampler): step s takes [s*W*bs, (s+1)*W*bs)."""
+    while True:
+        yield from range(start + rank * bs, start + (rank + 1) * bs)
+        start += world * bs
+
+
 def collate(items):
     """Drop None items (bad clips) and stack the rest (dicts of tensors stay dicts); None if none is left."""
     items = [x for x in items if x is not None]
     return torch.utils.data.default_collate(items) if items else None
-
-
-def __getattr__(name):  # data.build_cache / data.Cache moved to cache.py; old callers keep working
-    if name in ("build_cache", "Cache"):
-        import cache
-        return getattr(cache, name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python data.py cache ...` is `python cache.py ...`
-    import cache
-    if sys.argv[1:2] != ["cache"]:
-        sys.exit(print("error: data.py has no command line of its own; the cache is `python cache.py --model M "
-                       "--data D --out C`", file=sys.stderr) or 2)
-    sys.exit(cache.main(sys.argv[2:]))

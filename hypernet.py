@@ -12,15 +12,17 @@ Video2LoRA = hypernet + LightLoRA aux factors, the whole trainable part, with it
 Tests: tests/test_lora.py
 """
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from lightlora import LightLoRA, save_atomic
+import common
+from lightlora import LightLoRA
 from model import sincos_1d
 
 
@@ -64,7 +66,7 @@ def correlation(x, R):
     return (win * x[:, :, :, None]).sum(2)
 
 
-def sincos_3d(f, h, w, dim, device=None):
+def video_positions(f, h, w, dim, device=None):
     """Fixed table [f*h*w, dim], rows (f, h, w), columns time | height | width = dim/4 | 3dim/8 | 3dim/8. Built for
     the actual grid, so any reference length and size works; a padded frame gets the same rows as unpadded."""
     dt, dh = dim // 4, dim * 3 // 8
@@ -137,7 +139,7 @@ class HyperNet(nn.Module):
         B, Fr, _, H, W = latents.shape
         x = F.pad(latents.to(self.patch_embed.weight.dtype), (0, -W % p, 0, -H % p))  # odd latent sizes
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        pos = sincos_3d(Fr, h, w, cfg.width, x.device).to(x.dtype)
+        pos = video_positions(Fr, h, w, cfg.width, x.device).to(x.dtype)
         x = torch.cat([x, correlation(x, cfg.corr_radius)], 2)  # [B, F, C + (2R+1)^2, H, W]
         video = self.video_norm(self.patch_embed(patchify(x, p)) + pos)  # [B, F*h*w, d]
         mask = None
@@ -180,23 +182,54 @@ class Video2LoRA(nn.Module):
                     names=lo.names, shapes=lo.shapes)
 
 
-def save(path, v2l, extra={}, meta={}):
-    """One safetensors file: trainable weights under hypernet.* / lora.*, `extra` tensors as given (optim.*,
-    rng.*), configs + layer names as JSON metadata "video2lora", the caller's `meta` as JSON "meta"."""
-    sd = {**v2l.state_dict(), **extra}
-    save_atomic(sd, path, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta)})
+def save(path, v2l, opt=None, meta=None):
+    """One safetensors file: trainable weights under hypernet.* / lora.*, configs + layer names as JSON metadata
+    "video2lora", the caller's `meta` as JSON "meta". With a training run's AdamW `opt` (over v2l's parameters):
+    its state as optim.<parameter name>.<field> (load_optimizer reads it) and the torch RNG as rng.torch."""
+    sd = dict(v2l.state_dict())
+    if opt is not None:
+        name = {id(p): n for n, p in v2l.named_parameters()}
+        names = [name[id(p)] for g in opt.param_groups for p in g["params"]]  # the state's indices
+        for i, state in opt.state_dict()["state"].items():
+            sd.update({f"optim.{names[i]}.{k}": v for k, v in state.items()})
+        sd["rng.torch"] = torch.get_rng_state()  # unused by train.py's maths (per-sample generators)
+    common.save_safetensors(path, sd, {"video2lora": json.dumps(v2l.config()), "meta": json.dumps(meta or {})})
+
+
+def load_optimizer(path, v2l, opt, device="cpu"):
+    """Puts the AdamW state and RNG that save(..., opt) wrote back into `opt` (built over v2l's parameters)."""
+    name = {id(p): n for n, p in v2l.named_parameters()}
+    index = {name[id(p)]: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    state = {}
+    with safe_open(str(path), "pt", device=str(device)) as fh:
+        for key in fh.keys():
+            if key.startswith("optim."):  # optim.<parameter name>.<field>
+                n, field = key[6:].rsplit(".", 1)
+                state.setdefault(index[n], {})[field] = fh.get_tensor(key)
+        if "rng.torch" in fh.keys():
+            torch.set_rng_state(fh.get_tensor("rng.torch").cpu())
+    for s in state.values():
+        s["step"] = s["step"].cpu()  # AdamW keeps its step count on the CPU
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class Unreadable(ValueError):
+    """A checkpoint that is not a readable safetensors file (damaged, truncated, another format)."""
 
 
 def load(path, dit, device="cpu"):
     """-> (Video2LoRA on device, meta). Checks the checkpoint was made for this DiT's adapted layers."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Video2LoRA checkpoint not found: {path}")
-    with safe_open(str(path), "pt", device="cpu") as f:
-        md = f.metadata() or {}
-        if "video2lora" not in md:
-            raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
-        cfg = json.loads(md["video2lora"])
-        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            md = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("hypernet.", "lora."))}
+    except SafetensorError as e:
+        raise Unreadable(f"{path}: not a readable checkpoint ({e})") from None
+    if "video2lora" not in md:
+        raise ValueError(f"{path} has no 'video2lora' metadata: not a Video2LoRA checkpoint")
+    cfg = json.loads(md["video2lora"])
     with torch.device("meta"):  # no init work: every weight comes from the file (assign=True below)
         v2l = Video2LoRA(dit, HyperNetConfig(**cfg["hypernet"]), cfg["a"], cfg["b"], cfg["r"], cfg["layers"],
                          cfg["scale"])
@@ -209,3 +242,28 @@ def load(path, dit, device="cpu"):
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the model its own config describes: {e}") from None
     return v2l.to(device), json.loads(md.get("meta", "{}"))
+
+
+def checkpoints(run):
+    """train.py's complete checkpoints RUN/ckpt-<step>.safetensors, oldest first (save writes
+    'ckpt-N.safetensors.tmp<pid>', then renames)."""
+    found = []
+    for f in Path(run).glob("ckpt-*.safetensors"):
+        m = re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name)
+        if m:
+            found.append((int(m[1]), f))
+    return [f for _, f in sorted(found)]
+
+
+def load_latest(run, dit, device="cpu", warn=print):
+    """-> (Video2LoRA, meta, path) of the newest checkpoint in `run` that opens, or None when there is none. A
+    damaged file (e.g. disk full) falls back to the one before; a checkpoint of another model raises ValueError."""
+    found = checkpoints(run)
+    for path in reversed(found):
+        try:
+            return (*load(path, dit, device), path)
+        except Unreadable as e:
+            warn(f"warning: {e}; trying an older checkpoint")
+    if found:
+        raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
+    return None

@@ -1,20 +1,18 @@
-"""LightLoRA (Video2LoRA paper §3.2): per-video rank-r adapters dW = B_aux · B_pred · A_pred · A_aux for the
-DiT's frozen linears. A_aux [a, d_in] and B_aux [d_out, b] are trainable, shared by all videos and kept in fp32;
-A_pred [r, a] and B_pred [b, r] come from the hypernetwork per video. `fold` turns them into the `lora=`
-argument of model.DiT.forward: {linear name: (down [B, d_in, r], up [B, r, d_out])}, y += x @ down @ up.
-Also: merge into a weight copy, export for diffusers, and a small native file.  Tests: tests/test_lora.py
+"""LightLoRA (Video2LoRA paper §3.2): per-video adapters dW = B_aux·B_pred·A_pred·A_aux for the DiT's frozen
+linears (A_aux [a, d_in], B_aux [d_out, b] shared, fp32; A_pred [r, a], B_pred [b, r] from the hypernetwork). `fold`
+makes DiT.forward's `lora=` {name: (down [B, d_in, r], up [B, r, d_out])}; also merge, blend, export, a native file.
 """
 import copy
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
-ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+import common
+from model import ATTN_LINEARS
+
 
 
 def adapted_linears(dit, layers="attn"):
@@ -22,27 +20,24 @@ def adapted_linears(dit, layers="attn"):
     if layers not in ("attn", "all"):
         raise ValueError(f"layers must be 'attn' or 'all', got {layers!r}")
     out = [(n, m.out_features, m.in_features) for n, m in dit.named_modules() if isinstance(m, nn.Linear)
-           and n.startswith("transformer_blocks.") and (layers == "all" or n.endswith(ATTN))]
+           and n.startswith("transformer_blocks.") and (layers == "all" or n.endswith(ATTN_LINEARS))]
     if not out:
         raise ValueError(f"the DiT has no linear layers to adapt for layers={layers!r}")
     return out
 
 
 def orthogonal(n, rows, cols):
-    """n random matrices [rows, cols] with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols).
-    Cholesky-QR: Q = X R^-1 with R^T R = X^T X, the Q of a QR with positive diagonal; exact to ~1e-6 for a
-    Gaussian tall X and ~6x faster than torch.linalg.qr on CPU (77 M params for 5B)."""
+    """n random [rows, cols] with orthonormal rows (rows <= cols) or columns. Cholesky-QR (Q = X R^-1, R^T R =
+    X^T X): exact to ~1e-6 for a Gaussian tall X, ~6x faster than torch.linalg.qr on CPU (77 M params at 5B)."""
     x = torch.randn(n, max(rows, cols), min(rows, cols))
     q = torch.linalg.solve_triangular(torch.linalg.cholesky(x.mT @ x, upper=True), x, upper=True, left=False)
     return (q if rows > cols else q.mT).contiguous()  # LAPACK returns column-major
 
 
 class LightLoRA(nn.Module):
-    """Aux factors stacked per distinct (d_out, d_in): `A_aux.{d_out}x{d_in}` [n, a, d_in] and `B_aux.…` [n,
-    d_out, b], so one einsum folds every layer of a shape. Magnitude: exactly orthonormal (constant 1), which
-    makes the aux maps isometries of the predicted factors: ||down|| = ||A_pred|| and ||up|| = scale·||B_pred||,
-    so the LoRA's size is read off the hypernet's outputs (spectral norm of dW = scale·||A_pred||·||B_pred||
-    for r=1) and the hypernet's head init alone sets it (hypernet.py: ||A_pred|| ~ 1, B_pred = 0)."""
+    """Aux factors stacked per distinct (d_out, d_in): `A_aux.{d_out}x{d_in}` [n, a, d_in], `B_aux.…` [n, d_out,
+    b]: one einsum folds every layer of a shape. They are exactly orthonormal, so ||down|| = ||A_pred|| and ||up||
+    = scale·||B_pred||: the hypernet's outputs, and its head init alone, set the LoRA's size (hypernet.py)."""
 
     def __init__(self, dit, a=100, b=50, r=1, layers="attn", scale=1.0):
         super().__init__()
@@ -65,10 +60,9 @@ class LightLoRA(nn.Module):
                     aux=sum(p.numel() for p in self.parameters()))
 
     def extra_repr(self):
-        c = self.count()
-        return (f"{c['layers']} layers ({self.layers}), a={self.a} b={self.b} r={self.r}: "
-                f"{c['predicted_per_video']:,} predicted values/video ({c['predicted_per_video'] * 2 / 1e3:.1f} "
-                f"KB bf16), {c['aux']:,} aux params")
+        c, n = self.count(), self.count()["predicted_per_video"]
+        return (f"{c['layers']} layers ({self.layers}), a={self.a} b={self.b} r={self.r}: {n:,} predicted "
+                f"values/video ({n * 2 / 1e3:.1f} KB bf16), {c['aux']:,} aux params")
 
     def fold(self, A_pred, B_pred, scale=None):
         """A_pred [B, L, r, a], B_pred [B, L, b, r] -> {name: (down [B, d_in, r], up [B, r, d_out])} in fp32.
@@ -80,10 +74,9 @@ class LightLoRA(nn.Module):
         out = {}
         for key, names in self.groups.items():
             idx, A_aux, B_aux = getattr(self, "idx_" + key), self.A_aux[key], self.B_aux[key]
-            ap = A_pred.index_select(1, idx).to(A_aux.dtype)
-            bp = B_pred.index_select(1, idx).to(B_aux.dtype)
-            down = torch.einsum("nlra,lai->nlir", ap, A_aux)  # (A_pred A_aux)^T
-            up = torch.einsum("lok,nlkr->nlro", B_aux, bp) * scale  # (scale B_aux B_pred)^T
+            ap, bp = A_pred.index_select(1, idx), B_pred.index_select(1, idx)
+            down = torch.einsum("nlra,lai->nlir", ap.to(A_aux.dtype), A_aux)  # (A_pred A_aux)^T
+            up = torch.einsum("lok,nlkr->nlro", B_aux, bp.to(B_aux.dtype)) * scale  # (scale B_aux B_pred)^T
             out.update({n: (down[:, j], up[:, j]) for j, n in enumerate(names)})
         return {n: out[n] for n in self.names}
 
@@ -108,17 +101,6 @@ def merge(dit, lora, inplace=False):
     return dit
 
 
-def save_atomic(tensors, path, metadata):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: two writers never share a temp file
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0o022)  # reading it means setting it (no threads write here); put it back at once
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600 whatever the umask; teammates must read them
-    os.replace(tmp, path)
-
-
 def export_diffusers(path, lora, dtype=None):
     """Standard rank-r LoRA for diffusers (CogVideoXLoraLoaderMixin.load_lora_weights / load_lora_adapter):
     `transformer.{name}.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r]. No alpha is written, so
@@ -127,21 +109,42 @@ def export_diffusers(path, lora, dtype=None):
     for name, (down, up) in _one(lora, "export").items():
         sd[f"transformer.{name}.lora_A.weight"] = down[0].T.to(dtype or down.dtype)
         sd[f"transformer.{name}.lora_B.weight"] = up[0].T.to(dtype or up.dtype)
-    save_atomic(sd, path, {"format": "pt"})
+    common.save_safetensors(path, sd, {"format": "pt"})
 
 
 def save_native(path, lora, dtype=torch.float32):
     """Our own file: the folded (down, up) of each adapted layer (`{name}.down` [B, d_in, r], `{name}.up`
     [B, r, d_out]) and the layer names in order; self-contained (no aux checkpoint needed to use it)."""
     sd = {f"{n}.{k}": t.to(dtype) for n, (d, u) in lora.items() for k, t in (("down", d), ("up", u))}
-    save_atomic(sd, path, {"format": "video2lora-lora", "names": json.dumps(list(lora))})
+    common.save_safetensors(path, sd, {"format": "video2lora-lora", "names": json.dumps(list(lora))})
 
 
-def load_native(path, device="cpu"):
+def load_native(path, device="cpu", dit=None):
+    """A save_native file -> LoRA dict; with `dit`, checked against its linears (ValueError: another model's)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(str(path), "pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "video2lora-lora":
-            raise ValueError(f"{path} is not a native video2lora LoRA file (metadata format={meta.get('format')!r})")
-        return {n: (f.get_tensor(n + ".down"), f.get_tensor(n + ".up")) for n in json.loads(meta["names"])}
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "video2lora-lora":
+                raise ValueError(f"{path} is not a native video2lora LoRA file (metadata format="
+                                 f"{meta.get('format')!r})")
+            lora = {n: (f.get_tensor(n + ".down"), f.get_tensor(n + ".up")) for n in json.loads(meta["names"])}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable LoRA file ({e})") from None
+    want = {n: (1, i, o) for n, o, i in adapted_linears(dit, "all")} if dit is not None else {}
+    for name, (down, up) in lora.items() if want else ():
+        if want.get(name) != (down.shape[0], down.shape[1], up.shape[2]) or up.shape[:2] != (1, down.shape[2]):
+            raise ValueError(f"{path}: {name} (down {tuple(down.shape)}, up {tuple(up.shape)}) does not fit this "
+                             f"model's DiT: the LoRA was made for another model")
+    return lora
+
+
+def blend(loras):
+    """[(LoRA dict, weight)] -> one LoRA whose effect is sum_i w_i/sum(w) x down_i up_i, exactly: the factors are
+    concatenated along r (averaging folded factors would not be); a layer a LoRA lacks gets nothing from it. One
+    LoRA goes through it too: cat gives the predicted factors (strided views of the fold) a --lora file's layout,
+    so a saved LoRA reproduces the reference's video bit for bit."""
+    total, names = sum(w for _, w in loras), dict.fromkeys(k for l, _ in loras for k in l)
+    return {k: (torch.cat([l[k][0] * (w / total) for l, w in loras if k in l], dim=-1),
+                torch.cat([l[k][1] for l, _ in loras if k in l], dim=1)) for k in names}

@@ -2,7 +2,7 @@
 the loaders that read the official Hugging Face folders (`transformer/`, `text_encoder/`, `tokenizer/`).
 
 Layout: DiT latents are `B F C H W` (frames before channels, as the diffusers pipelines hold them).
-Numbers follow diffusers 0.42 / transformers 5 (see /work/shared/cogvideox-spec.md §3, §6, §9);
+Numbers follow diffusers 0.42's models/transformers/cogvideox_transformer_3d.py and transformers 5's T5;
 tests/test_model.py checks them on tiny random models:  python -m pytest -q tests/test_model.py
 """
 import json
@@ -160,31 +160,36 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d, source="transformer config")
 
 
-def _from_dict(cls, d):
+# Keys an official config.json carries that change nothing we build (bookkeeping of diffusers / transformers).
+HUB_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "_commit_hash")
+
+
+def config_from_dict(cls, d, ignored=(), source="config"):
+    """A config dataclass from a config.json dict (model.py and vae.py alike). A key that is neither a field nor
+    listed in `ignored` raises: a checkpoint with a feature we do not build must not load as something else."""
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})  # _class_name, _diffusers_version, ... ignored
+    unknown = sorted(k for k in d if k not in names and k not in HUB_KEYS and k not in ignored)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} keys {unknown}")
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 
-_COMMON = dict(attention_head_dim=64, out_channels=16, text_embed_dim=4096, time_embed_dim=512)
-DIT_PRESETS = {
-    "2b": dict(_COMMON, num_attention_heads=30, num_layers=30, in_channels=16),
-    "5b": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=16,
-               use_rotary_positional_embeddings=True),
-    "5b-i2v": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=32,
-                   use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
-    "1.5-5b": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=16, patch_size_t=2,
-                   patch_bias=False, sample_frames=81, sample_height=96, sample_width=170,
-                   use_rotary_positional_embeddings=True),
-    "1.5-5b-i2v": dict(_COMMON, num_attention_heads=48, num_layers=42, in_channels=32, patch_size_t=2,
-                       patch_bias=False, ofs_embed_dim=512, sample_frames=81, sample_height=300,
-                       sample_width=300, use_rotary_positional_embeddings=True),
-    # = tests/conftest.py TINY_DIT_I2V: latents [B, 3, 8, 8, 12]
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
-                 text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
-                 use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
+_5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
+presets = {  # DiTConfig's defaults are CogVideoX-2b's
+    "2b": DiTConfig(),
+    "5b": DiTConfig(**_5B),
+    "5b-i2v": DiTConfig(**_5B, in_channels=32, use_learned_positional_embeddings=True),
+    "1.5-5b": DiTConfig(**_5B, patch_size_t=2, patch_bias=False, sample_frames=81, sample_height=96,
+                        sample_width=170),
+    "1.5-5b-i2v": DiTConfig(**_5B, in_channels=32, patch_size_t=2, patch_bias=False, ofs_embed_dim=512,
+                            sample_frames=81, sample_height=300, sample_width=300),
+    # tests/conftest.py builds its diffusers model from this: latents [B, 3, 8, 8, 12]
+    "tiny": DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
+                      text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
+                      use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
 }
 
 
@@ -237,9 +242,9 @@ def _rope_1d(d, pos):
 
 
 def rope_3d(cfg, f, h, w, device=None):
-    """(cos, sin), each [f*h*w, head_dim] float32, for a latent patch grid f x h x w (spec §3.5).
-    1.0 models place the grid on the sample_height/width grid by diffusers' resize-crop + linspace;
-    1.5 models use plain integer positions up to sample_height/width // 2."""
+    """(cos, sin), each [f*h*w, head_dim] float32, for a latent patch grid f x h x w (diffusers' embeddings.py
+    get_3d_rotary_pos_embed). 1.0 models place the grid on the sample_height/width grid by diffusers'
+    resize-crop + linspace; 1.5 models use plain integer positions up to sample_height/width // 2."""
     p, hd = cfg.patch_size, cfg.attention_head_dim
     bh, bw = cfg.sample_height // p, cfg.sample_width // p
     if cfg.patch_size_t is None:
@@ -265,7 +270,7 @@ def rope_3d(cfg, f, h, w, device=None):
 
 def apply_rope(x, cos, sin):
     """x [B, N, heads, hd]; cos/sin [N, 1, hd] fp32. Pairs (2j, 2j+1) rotate; done in fp32 and cast
-    back like diffusers (spec §9). In place on our own fp32 copy, with diffusers' rounding (x*cos and
+    back like diffusers' apply_rotary_emb. In place on our own fp32 copy, with diffusers' rounding (x*cos and
     rot*sin each rounded, then summed): two fp32 temporaries instead of five."""
     xf = x.to(torch.float32, copy=True)
     x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
@@ -340,6 +345,12 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(D, D)])
 
 
+# A block's Linears by their names inside it (the keys of its lora dict); attention's are what --layers attn adapts.
+BLOCK_LINEARS = ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm2.linear",
+                 "ff.net.0.proj", "ff.net.2")
+ATTN_LINEARS = BLOCK_LINEARS[1:5]
+
+
 class Block(nn.Module):
     def __init__(self, cfg, prefix):
         super().__init__()
@@ -349,9 +360,7 @@ class Block(nn.Module):
         D = cfg.inner_dim
         self.norm2 = AdaNorm(cfg, 6)
         self.ff = _holder(net=nn.ModuleList([_holder(proj=nn.Linear(D, 4 * D)), nn.Identity(), nn.Linear(4 * D, D)]))
-        # full Linear names, the keys of the lora dict
-        self.names = {k: prefix + k for k in ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v",
-                                              "attn1.to_out.0", "norm2.linear", "ff.net.0.proj", "ff.net.2")}
+        self.names = {k: prefix + k for k in BLOCK_LINEARS}  # full Linear names, the keys of the lora dict
 
     def forward(self, x, c, temb, rope, lora=None, attend=None):
         """x video [B, N, D], c text [B, L, D], temb = SiLU(time embedding) [B, E]. lora: this block's factors
@@ -523,9 +532,18 @@ class T5Config:
             raise ValueError(f"unsupported T5 config: feed_forward_proj={self.feed_forward_proj!r} "
                              "(we support the T5 v1.1 'gated-gelu')")
 
+    # transformers' config.json keys (T5's and PretrainedConfig's) for what we do not build: the decoder, dropout,
+    # heads; dense_act_fn / is_gated_act restate feed_forward_proj="gated-gelu", checked above.
+    IGNORED = ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "is_encoder_decoder",
+               "is_decoder", "num_decoder_layers", "decoder_start_token_id", "dropout_rate", "classifier_dropout",
+               "initializer_factor", "dense_act_fn", "is_gated_act", "tie_word_embeddings", "use_cache",
+               "output_past", "n_positions", "pad_token_id", "eos_token_id", "bos_token_id", "scale_decoder_outputs",
+               "chunk_size_feed_forward", "id2label", "label2id", "output_attentions", "output_hidden_states",
+               "problem_type", "return_dict", "task_specific_params", "gradient_checkpointing")
+
     @classmethod
     def from_dict(cls, d):
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d, cls.IGNORED, "text_encoder config")
 
 
 def t5_buckets(n, num_buckets=32, max_distance=128, device=None):

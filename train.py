@@ -1,17 +1,14 @@
 """Train Video2LoRA (hypernetwork + LightLoRA auxiliary factors) on a frozen CogVideoX image-to-video model.
 
-    python train.py --model CogVideoX-5b-I2V --data clips/ --out runs/v2l                    # CPU or one GPU
+    python train.py --model CogVideoX-5b-I2V --data clips/ --out runs/v2l        # CPU or one GPU
     torchrun --nproc_per_node 8 train.py --model ... --data ... [--cache cache/] --out runs/v2l
-    torchrun ... (same arguments) --resume        # continue exactly from the newest RUN/ckpt-*.safetensors
+    torchrun ... (same arguments) --resume   # continue exactly from the newest RUN/ckpt-*.safetensors
     python sample.py ref.mp4 img.png --model ... --ckpt runs/v2l/ckpt-020000.safetensors
 
-Objective = the official CogVideoX I2V training (diffusers' examples/cogvideo/train_cogvideox_image_to_video_lora.py,
-SAT's finetuning): v-prediction MSE at t ~ U{0..999};
-image condition = the first frame + exp(N(-3, 0.5^2)) pixel noise, VAE-encoded and zero-padded over the
-latent frames; the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward.
-Layouts: DiT B F C H W, VAE B C T H W. Every random draw of a sample comes from a generator seeded by
-(seed, global sample number), so 1 process x batch 2 == 2 processes x batch 1, and --resume is exact by
-construction (the torch RNG state is checkpointed too, but nothing in a step draws from it).
+The objective (diffusion.py) is the official CogVideoX I2V training's: v-prediction MSE at t ~ U{0..999};
+the reference's latents go through Video2LoRA to a per-sample LoRA given to DiT.forward. Every random draw
+of a sample comes from a generator seeded by (seed, global sample number), so 1 process x batch 2 == 2
+processes x batch 1, and --resume is exact by construction.
 """
 import argparse
 import dataclasses
@@ -19,7 +16,6 @@ import functools
 import json
 import math
 import os
-import re
 import resource
 import signal
 import sys
@@ -30,18 +26,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import cache as cache_lib
+import common
 import data
 import hypernet
 import model
 import sample
 import vae as vae_lib
+from diffusion import alphas_cumprod, batch_fn
 
-p = data.Parser(description=__doc__, formatter_class=data.HelpFormatter)
-num = data.number
+p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+num = common.number
 p.add_argument("--model", required=True, metavar="DIR",
                help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. assets")
 p.add_argument("--data", required=True, help="folder root/<category>/<clip>.<ext> (+ <clip>.txt caption) or a "
@@ -101,7 +99,6 @@ p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there i
 # bf16 is what the 5B models were trained in; on CPU bf16 matmuls are slow and fp32 keeps tests tight.
 p.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen models (default: bf16 on cuda, fp32 on cpu)")
 p.add_argument("--max-bad-steps", type=num(int, 1), default=20, help="stop after this many non-finite steps in a row")
-p.add_argument("--debug-nan-at", default="", help="test hook: comma-separated steps whose loss is made NaN")
 p.add_argument("--debug-raise-at", default="", help="test hook: STEP[:RANK], that step raises (on that rank)")
 
 RANK, WORLD, LOCAL = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -115,8 +112,7 @@ def print0(*a):
 
 
 def on_signal(signum, frame):
-    """In the loop: save after this step, exit 128+signum. During set-up (nothing to save; loading 5B takes
-    minutes) or at a second signal: stop at once."""
+    """In the loop: save after this step, exit 128+signum. In set-up or at a second signal: stop at once."""
     name = signal.Signals(signum).name
     if PHASE[0] == "set-up" or STOP:
         print0(f"{name}: stopping now, nothing saved" + (" during set-up" if PHASE[0] == "set-up" else ""))
@@ -126,46 +122,25 @@ def on_signal(signum, frame):
 
 
 def own_process_group(worker_id):
-    """DataLoader workers leave the rank's process group, which torchrun's SIGTERM (and Ctrl-C) reaches: only the
-    rank acts on it (finish the step, save). Ignoring SIGTERM instead made the exit after any error wait for them
-    forever; with default handlers the DataLoader can end them, and they exit when the rank dies (its watchdog)."""
+    """DataLoader workers leave the rank's process group, which torchrun's SIGTERM (and Ctrl-C) reaches: only
+    the rank acts on it (finish the step, save). With default handlers they exit when the rank dies."""
     os.setpgrp()
 
 
-class Positions(torch.utils.data.Dataset):
-    """Global sample number n -> item. Epoch n // N shuffles the clips with a permutation seeded by (seed,
-    epoch); a bad clip (None from VideoPairs, which lists it in bad_clips.txt) is replaced by the next one of
-    the permutation, so the stream is a pure function of n whatever the workers, ranks or restarts."""
-
-    def __init__(self, pairs, seed):
-        self.pairs, self.seed, self.perm = pairs, seed, (None, None)
-
-    def __getitem__(self, n):
-        N = len(self.pairs)
-        epoch, i = divmod(n, N)
-        if self.perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self.perm = (epoch, torch.randperm(N, generator=g).tolist())
-        self.pairs.set_epoch(epoch)
-        for k in range(N):
-            item = self.pairs[self.perm[1][(i + k) % N]]
-            if item is not None:
-                return dict(item, n=n)
-        raise RuntimeError("no usable clip left in the data set (see bad_clips.txt in the run folder)")
-
-
-def positions(start, bs):
-    """This rank's share of the global sample numbers, from `start` on: step s takes [s*W*bs, (s+1)*W*bs)."""
-    while True:
-        yield from range(start + RANK * bs, start + (RANK + 1) * bs)
-        start += WORLD * bs
-
-
-def checkpoints(run):
-    """Complete checkpoints, oldest first (hypernet.save writes 'ckpt-N.safetensors.tmp<pid>', then renames)."""
-    found = [(int(m[1]), f) for f in run.glob("ckpt-*.safetensors")
-             if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", f.name))]
-    return [f for _, f in sorted(found)]
+def resumed(path, meta, args, run):
+    """The resume line (flags that differ from the checkpoint's: its model flags win, the others are taken as
+    given now); drops metrics.jsonl lines logged after that checkpoint."""
+    arch, flag = ("hypernet", "k", "a", "b", "r", "layers"), lambda k: "--" + k.replace("_", "-")
+    changed = [(k, v, getattr(args, k, v)) for k, v in meta["args"].items() if k not in ("steps", "resume", "out")]
+    kept = [f"{flag(k)} {v} (given {now})" for k, v, now in changed if now != v and k in arch]
+    new = [f"{flag(k)} {v} -> {now}" for k, v, now in changed if now != v and k not in arch]
+    line = f"resumed from {path} at step {meta['step']} (sample {meta['samples']})"
+    line += f"; the checkpoint's model is kept: {', '.join(kept)}" if kept else ""
+    print0(line + (f"; changed from the checkpoint's: {', '.join(new)}" if new else ""))
+    metrics = run / "metrics.jsonl"
+    if RANK == 0 and metrics.is_file():
+        lines = metrics.read_text().splitlines()
+        metrics.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= meta["step"]))
 
 
 def lr_at(step, args):
@@ -173,11 +148,6 @@ def lr_at(step, args):
     if not args.cosine or step <= args.warmup:
         return args.lr * warm
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
-
-
-def posterior(mean, logvar, eps):
-    """DiagonalGaussian sample; VAE.encode already clamped logvar to [-30, 20] as diffusers does."""
-    return mean.float() + (0.5 * logvar.float()).exp() * eps
 
 
 def is_trunk(name):
@@ -226,69 +196,19 @@ def step_loss(net, dit, batch, amp):
     return F.mse_loss(pred.float(), v)
 
 
-def batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype):
-    """-> batch_inputs(items), the model inputs of one step from the loader's items."""
-    sf = vae.config.scaling_factor
-    # 1.5-I2V: diffusers' pipeline divides the image latent by the scaling factor (spec §11.3); sample.py does
-    # the same, so train and sample see the same condition.
-    img_scale = 1 / sf if getattr(vae.config, "invert_scale_latents", False) else sf
-
-    @torch.no_grad()
-    def batch_inputs(items):
-        """-> (model input [B,F,2C,h,w], text, t, ofs, reference latents [B,F,C,h,w], v target)."""
-        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + it["n"]) for it in items]
-        draw = lambda g, shape: torch.randn(shape, generator=g).to(device)
-        drop = torch.stack([torch.rand((), generator=g) for g in gens]) < args.caption_dropout  # no host sync
-        t = torch.stack([torch.randint(0, len(A), (), generator=g) for g in gens]).to(device)
-        sigma = torch.stack([(torch.randn((), generator=g) * 0.5 - 3).exp() for g in gens]).to(device)
-        first = torch.stack([it["first"] if cache else it["video"][0] for it in items]).to(device)  # [B,3,H,W], [-1,1]
-        first = first + sigma[:, None, None, None] * torch.stack([draw(g, first.shape[1:]) for g in gens])
-        if cache:
-            mean, logvar = (torch.stack([it["video"][k] for it in items]).to(device) for k in ("mean", "logvar"))
-            ref = torch.stack([it["ref"]["mean"] for it in items]).to(device)
-        else:
-            # one clip at a time ([F,3,H,W] -> [1,3,F,H,W]): a 49x480x720 encode alone peaks at ~8 GiB
-            enc = lambda v: vae.encode(v.to(device, dtype).transpose(0, 1)[None])
-            mean, logvar = (torch.cat(z) for z in zip(*(enc(it["video"]) for it in items)))
-            ref = torch.cat([enc(it["ref"])[0] for it in items])
-        x0 = posterior(mean, logvar, torch.stack([draw(g, mean.shape[1:]) for g in gens])) * sf
-        im, iv = vae.encode(first.to(dtype)[:, :, None])  # [B,3,1,H,W] -> [B,C,1,h,w]
-        img = posterior(im, iv, torch.stack([draw(g, im.shape[1:]) for g in gens])) * img_scale
-        x0, img = x0.transpose(1, 2), img.transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
-        ref = ref.float().transpose(1, 2) * sf  # reference = posterior mean (the hypernet's input, no noise)
-        if cfg.patch_size_t and x0.shape[1] % 2:  # 1.5: duplicate latent frame 0 in front (spec §4.2)
-            x0 = torch.cat([x0[:, :1], x0], 1)
-        img = torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], 1)
-        eps = torch.stack([draw(g, x0.shape[1:]) for g in gens])
-        a = A[t].view(-1, 1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        v = a.sqrt() * eps - (1 - a).sqrt() * x0
-        text = torch.stack([it["text"] if "text" in it else embed(it["caption"]) for it in items])
-        text = torch.where(drop[:, None, None], empty, text).to(device, dtype)
-        ofs = torch.full((len(items),), 2.0, device=device) if cfg.ofs_embed_dim else None
-        return torch.cat([x_t, img], 2).to(dtype), text, t, ofs, ref, v
-    return batch_inputs
-
-
 def check(args):
     """Every check that needs no weights, before anything is loaded or created. -> (device, (frames, h, w),
     training clips, validation clips, the opened cache or None)."""
-    device = sample.check_device(args.device)
+    device = common.check_device(args.device)
     if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
-        device = sample.check_device(f"cuda:{LOCAL}")
+        device = common.check_device(f"cuda:{LOCAL}")
     if args.fsdp and WORLD == 1:
         raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
     if args.hypernet not in hypernet.presets:
         raise ValueError(f"--hypernet {args.hypernet!r}: presets are {', '.join(sorted(hypernet.presets))}")
     mdir, run = Path(args.model), Path(args.out)
-    sample.check_model_dir(mdir)
-    cfg, native = model.DiTConfig.from_dict(model.read_config(mdir / "transformer")), cache_lib.model_sizes(mdir)
-    size = (args.frames or native[0], args.height or native[1], args.width or native[2])
-    if (size[0] - 1) % 4 or size[1] % 16 or size[2] % 16:
-        raise ValueError(f"--frames must be 4k+1 and --height/--width multiples of 16, got {'x'.join(map(str, size))}")
-    if (cfg.use_learned_positional_embeddings and size != native) or (cfg.patch_size_t and size[1:] > native[1:]):
-        raise ValueError(f"--model {mdir} takes only {'x'.join(map(str, native))} (frames x height x width), got "
-                         f"{'x'.join(map(str, size))}: leave --frames/--height/--width out")
+    common.check_model_dir(mdir)
+    size, _ = common.model_size(mdir, args.frames, args.height, args.width, step=4)
     clips = data.scan(args.data)  # FileNotFoundError / ValueError naming the folder or manifest
     eval_clips = data.scan(args.eval_data) if args.eval_data else clips
     c = cache_lib.Cache(args.cache) if args.cache else None
@@ -298,17 +218,15 @@ def check(args):
         if (have := {k: c.settings.get(k) for k in want}) != want:
             raise ValueError(f"--cache {args.cache} was built for {have}, this run wants {want}: rebuild it (python "
                              f"cache.py --model {mdir} --data {args.data} --out DIR) or match its settings")
-    if run.exists() and not run.is_dir():
-        raise NotADirectoryError(f"--out {run}: exists and is not a folder")
-    if (found := checkpoints(run)) and not args.resume:
+    common.check_out_dir(run, "--out")
+    if (found := hypernet.checkpoints(run)) and not args.resume:
         raise FileExistsError(f"--out {run} holds {found[-1].name}: pass --resume to continue it, or a new --out")
-    data.check_writable(run / "metrics.jsonl", "--out")
     return device, size, clips, eval_clips, c
 
 
-def main(args):
-    signal.signal(signal.SIGTERM, on_signal)  # set-up: stop at once; the loop: save, then stop
-    signal.signal(signal.SIGINT, on_signal)
+def run(args):
+    """The training run (set-up, then the loop) -> exit status: 0, 1 (too many non-finite steps in a row) or
+    128 + signal (stopped by a signal after saving)."""
     device, (frames, height, width), clips, eval_clips, cache = check(args)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -317,15 +235,13 @@ def main(args):
     print0(f"loading the frozen models from {args.model}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     amp = torch.autocast(device.type, torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    run, mdir = Path(args.out), Path(args.model)
-    nan_steps = {int(s) for s in args.debug_nan_at.split(",") if s}
+    run_dir, mdir = Path(args.out), Path(args.model)
 
     # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
     vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
-    cfg = dit.config
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
-    A = sample.alphas_cumprod(sched_cfg).float().to(device)
+    A = alphas_cumprod(sched_cfg).float().to(device)
     t5 = tok = None
     if cache is None or not cache.has_text("") or args.eval_every:
         tok, t5 = model.Tokenizer(mdir / "tokenizer"), model.load_t5(mdir / "text_encoder", dtype, device)
@@ -339,35 +255,28 @@ def main(args):
                 memo[caption] = t5(tok([caption]).to(device))[0].cpu()
         return memo[caption]
     empty = embed("")  # caption dropout -> T5(""), diffusers' negative prompt (SAT used an all-zero context)
-    if cache is None and not args.eval_every:  # every caption now, so that T5 leaves the device before the DiT runs
+    if cache is None and not args.eval_every:  # every caption now, so T5 leaves the device before the DiT runs
         for caption in dict.fromkeys(c.caption for c in clips):
             embed(caption)
     if not args.eval_every:
         t5 = None  # T5-XXL is 9.5 GB in bf16; kept only for the validation videos' prompts
 
     # ---- trainable Video2LoRA (fp32 master weights) -------------------------------------------------------
-    found = checkpoints(run)
-    ckpts, meta = list(found), None
-    while ckpts:  # the newest that opens; a damaged file (e.g. disk full) falls back to the one before
-        try:
-            v2l, meta = hypernet.load(ckpts[-1], dit, device)  # a checkpoint of another model raises ValueError
-            break
-        except SafetensorError as e:
-            print0(f"warning: cannot read {ckpts.pop()} ({e}); trying an older checkpoint")
-    if found and meta is None:
-        raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run} can be read")
-    if args.resume and meta is None:
-        print0(f"--resume: no checkpoint in {run} yet, starting from scratch")
-    if meta is None:
+    found = hypernet.load_latest(run_dir, dit, device, print0)
+    if found is None:
+        if args.resume:
+            print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         hcfg = hypernet.presets[args.hypernet]
         hcfg = dataclasses.replace(hcfg, iters=args.k) if args.k else hcfg
         v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).to(device)
+    else:
+        v2l = found[0]
     v2l = v2l.float().train()
     names = param_names(v2l)
     print0(f"Video2LoRA: {sum(p.numel() for p in v2l.parameters()) / 1e6:.2f} M trainable parameters, "
-           f"{v2l.lora.n_layers} adapted layers; frozen DiT {sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B "
-           f"parameters in {dtype}")
+           f"{v2l.lora.n_layers} adapted layers; frozen DiT "
+           f"{sum(p.numel() for p in dit.parameters()) / 1e9:.2f} B parameters in {dtype}")
 
     # ---- wrap: activation checkpointing, FSDP2 for the frozen DiT, DDP for the trainable part ----------------
     wrap(dit, args, dtype, v2l)
@@ -376,75 +285,36 @@ def main(args):
         net = torch.nn.parallel.DistributedDataParallel(  # its buffers are constant indices: no broadcast
             v2l, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     opt = optimizer(v2l, names, args)
-
     step, samples, skipped = 0, 0, 0
-    if meta is not None:
+    if found is not None:
+        _, meta, path = found
         step, samples, skipped = meta["step"], meta["samples"], meta["skipped"]
-        with safe_open(str(ckpts[-1]), "pt", device=str(device)) as fh:
-            state = {}
-            for key in fh.keys():
-                if key.startswith("optim."):  # optim.<parameter name>.<field>
-                    n, field = key[6:].rsplit(".", 1)
-                    state.setdefault(names.index(n), {})[field] = fh.get_tensor(key)
-            if "rng.torch" in fh.keys():
-                torch.set_rng_state(fh.get_tensor("rng.torch").cpu())
-        for s in state.values():
-            s["step"] = s["step"].cpu()  # AdamW keeps its step count on the CPU
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-        changed = {k: (v, getattr(args, k)) for k, v in meta["args"].items()
-                   if k not in ("steps", "resume", "out") and getattr(args, k, v) != v}
-        # the model is built from the checkpoint whatever its flags say now; every other flag takes the value given now
-        arch, flag = ("hypernet", "k", "a", "b", "r", "layers"), lambda k: "--" + k.replace("_", "-")
-        kept = [f"{flag(k)} {v} (given {now})" for k, (v, now) in changed.items() if k in arch]
-        new = [f"{flag(k)} {v} -> {now}" for k, (v, now) in changed.items() if k not in arch]
-        print0(f"resumed from {ckpts[-1]} at step {step} (sample {samples})"
-               + (f"; the checkpoint's model is kept: {', '.join(kept)}" if kept else "")
-               + (f"; changed from the checkpoint's: {', '.join(new)}" if new else ""))
-        if RANK == 0 and (run / "metrics.jsonl").is_file():  # drop lines logged after that checkpoint
-            lines = (run / "metrics.jsonl").read_text().splitlines()
-            (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        hypernet.load_optimizer(path, v2l, opt, device)
+        resumed(path, meta, args, run_dir)
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    run_dir.mkdir(parents=True, exist_ok=True)  # the first thing written: every check above has passed
+    pairs = data.VideoPairs(clips, frames, args.fps, height, width, args.seed, cache, run_dir)
+    loader = iter(torch.utils.data.DataLoader(
+        data.Stream(pairs, args.seed), batch_size=args.batch_size,
+        sampler=data.sample_numbers(samples, args.batch_size, RANK, WORLD),
+        collate_fn=list, num_workers=args.num_workers, worker_init_fn=own_process_group))
+    print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x "
+           f"batch {args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
+    batch_inputs = batch_fn(args, vae, dit.config, A, cache, embed, empty, device, dtype)
 
     def save():
         if RANK == 0:
-            sd = opt.state_dict()["state"]
-            extra = {f"optim.{names[i]}.{k}": v for i, s in sd.items() for k, v in s.items()}
-            extra["rng.torch"] = torch.get_rng_state()  # unused by the maths (see the docstring), kept for tools
+            path = run_dir / f"ckpt-{step:06d}.safetensors"
             info = dict(step=step, samples=samples, epoch=samples // len(pairs), index=samples % len(pairs),
                         skipped=skipped, args=vars(args))
-            hypernet.save(run / f"ckpt-{step:06d}.safetensors", v2l, extra=extra, meta=info)  # tmp file + rename
-            for old in checkpoints(run)[:-max(1, args.keep)]:
+            hypernet.save(path, v2l, opt, info)  # atomic
+            for old in hypernet.checkpoints(run_dir)[:-max(1, args.keep)]:
                 old.unlink()
-            print0(f"saved {run / f'ckpt-{step:06d}.safetensors'}")
-
-    # ---- data ---------------------------------------------------------------------------------------------
-    run.mkdir(parents=True, exist_ok=True)  # the first thing written: every check above has passed
-    pairs = data.VideoPairs(clips, frames, args.fps, height, width, args.seed, cache, run)
-    loader = iter(torch.utils.data.DataLoader(
-        Positions(pairs, args.seed), batch_size=args.batch_size,
-        sampler=positions(samples, args.batch_size), collate_fn=list, num_workers=args.num_workers,
-        worker_init_fn=own_process_group))
-    print0(f"data: {len(pairs)} clips, {frames} frames {height}x{width} at {args.fps:g} fps; world {WORLD} x batch "
-           f"{args.batch_size}; {'cache ' + args.cache if cache else 'no cache: VAE/T5 encode each step'}")
-
-    batch_inputs = batch_fn(args, vae, cfg, A, cache, embed, empty, device, dtype)
-
-    def validate():
-        """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
-        sample.py's pipeline on the loaded modules. Every rank runs it (an FSDP-sharded DiT needs all of them)."""
-        vp = data.VideoPairs(eval_clips, frames, args.fps, height, width, args.seed)
-        pipe = sample.Pipeline(dit, vae, t5, tok, sched_cfg, v2l=v2l.eval(), device=device, dtype=dtype)
-        items = [it for it in (vp[i] for i in range(min(len(vp), 4 * args.eval_n))) if it is not None][:args.eval_n]
-        for i, it in enumerate(items):
-            ref = (it["ref"] + 1) / 2
-            video = pipe.generate((it["video"][0] + 1) / 2, it["caption"], ref=ref, steps=args.eval_steps, seed=i)
-            if RANK == 0:
-                (run / "samples").mkdir(exist_ok=True)
-                data.write_video(run / "samples" / f"step-{step:06d}-{i}.mp4", torch.cat([ref, video], 3), args.fps)
-        v2l.train()
-        print0(f"validation: {len(items)} videos in {run / 'samples'}")
+            print0(f"saved {path}")
 
     # ---- loop -----------------------------------------------------------------------------------------------
-    metrics = open(run / "metrics.jsonl", "a") if RANK == 0 else None
+    metrics = open(run_dir / "metrics.jsonl", "a") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=RANK != 0, dynamic_ncols=True, desc="train")
     bad_in_row, stop, t_start = 0, None, time.perf_counter()
     raise_at = tuple(map(int, args.debug_raise_at.split(":"))) if args.debug_raise_at else ()
@@ -452,15 +322,12 @@ def main(args):
     while step < args.steps and not stop:
         t0 = time.perf_counter()
         step += 1
-        items = next(loader)
-        loss = step_loss(net, dit, batch_inputs(items), amp)
-        if step in nan_steps:
-            loss = loss * float("nan")
+        loss = step_loss(net, dit, batch_inputs(next(loader)), amp)
         if raise_at[:1] == (step,) and raise_at[1:] in ((), (RANK,)):
             raise RuntimeError(f"--debug-raise-at {args.debug_raise_at}: step {step} fails on rank {RANK}")
         loss.backward()
-        stats = torch.tensor([loss.item(), signal.SIGINT in STOP, signal.SIGTERM in STOP], dtype=torch.float64,
-                             device=device)
+        stats = torch.tensor([loss.item(), signal.SIGINT in STOP, signal.SIGTERM in STOP],
+                             dtype=torch.float64, device=device)
         if WORLD > 1:  # average the loss; a signal that reached some ranks, or arrived between two
             dist.all_reduce(stats)  # ranks' reads of STOP, stops all of them at the same step
         loss_avg = stats[0].item() / WORLD
@@ -479,8 +346,10 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         samples += WORLD * args.batch_size
         dt = time.perf_counter() - t0
-        mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        if device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(device) / 1e9
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         rec = dict(step=step, loss=loss_avg, lr=lr, s_per_step=dt, videos_per_s=WORLD * args.batch_size / dt,
                    mem_gb=mem, grad_norm=gnorm.item(), skipped=skipped)
         if RANK == 0:
@@ -492,49 +361,77 @@ def main(args):
             print0(f"step {step} | loss {loss_avg:.4f} | lr {lr:.2e} | {dt:.2f} s/step | "
                    f"{rec['videos_per_s']:.2f} videos/s | mem {mem:.1f} GB")
         if bad_in_row >= args.max_bad_steps:
-            last = checkpoints(run)
-            print0(f"stopping: {bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is "
-                   f"{last[-1] if last else '(none yet)'} (lower --lr, check the data, or raise --max-bad-steps)")
-            sys.exit(1)
+            last = hypernet.checkpoints(run_dir)
+            print0(f"stopping: {bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint "
+                   f"is {last[-1] if last else '(none yet)'} (lower --lr, check the data, or raise "
+                   f"--max-bad-steps)")
+            return 1
         if step % args.save_every == 0 or step == args.steps or stop:
             save()
         if args.eval_every and step % args.eval_every == 0:
-            validate()
+            validate(args, step, run_dir, eval_clips, (frames, height, width), v2l, dict(
+                dit=dit, vae=vae, t5=t5, tok=tok, sched_cfg=sched_cfg, device=device, dtype=dtype))
     bar.close()
-    last, took = checkpoints(run), time.perf_counter() - t_start
+    if metrics is not None:
+        metrics.close()
+    last, took = hypernet.checkpoints(run_dir), time.perf_counter() - t_start
     took = f"{took / 3600:.2f} h" if took > 3600 else f"{took:.0f} s"
-    print0(f"{'stopped' if stop else 'done'}: step {step} of {args.steps} in {took} ({skipped} steps skipped); "
-           f"last checkpoint {last[-1] if last else '(none)'}; metrics per step in {run / 'metrics.jsonl'}"
-           + (f"; unusable clips in {run / 'bad_clips.txt'}" if (run / "bad_clips.txt").is_file() else ""))
+    bad = run_dir / "bad_clips.txt"
+    print0(f"{'stopped' if stop else 'done'}: step {step} of {args.steps} in {took} ({skipped} steps "
+           f"skipped); last checkpoint {last[-1] if last else '(none)'}; metrics per step in "
+           f"{run_dir / 'metrics.jsonl'}" + (f"; unusable clips in {bad}" if bad.is_file() else ""))
     if last and not stop:
         print0(f"sample with it: python sample.py REF.mp4 IMAGE.png --model {args.model} --ckpt {last[-1]}")
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
     if stop:  # non-zero, so a scheduler can tell an interrupted run from a finished one
-        print0(f"stopped by {stop.name} at step {step} of {args.steps}, after saving {run / f'ckpt-{step:06d}.safetensors'}"
-               f"; exit status {128 + stop} (--resume continues the run)")
-        sys.exit(128 + stop)
-
-
-def cli(argv=None):
-    """-> 0, or 2 for a mistake found in set-up (one line); a crash in the loop is a traceback and status 1."""
-    args = p.parse_args(argv)
-    run = Path(args.out)
-    made = not run.exists()
-    try:
-        main(args)
-    except (OSError, ValueError, data.VideoError, SafetensorError) as e:
-        if PHASE[0] != "set-up":
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    finally:
-        if made and run.is_dir() and not any(run.iterdir()):
-            with suppress(OSError):  # another rank may have removed it first
-                run.rmdir()  # a run that failed before writing anything leaves nothing behind
+        print0(f"stopped by {stop.name} at step {step} of {args.steps}, after saving "
+               f"{run_dir / f'ckpt-{step:06d}.safetensors'}; exit status {128 + stop} (--resume continues the run)")
+        return 128 + stop
     return 0
 
 
+def validate(args, step, run_dir, clips, size, v2l, frozen):
+    """A few reference/image pairs sampled to RUN/samples/step-N-i.mp4 (reference | generated) through
+    sample.py's pipeline on the loaded modules. Every rank runs it (an FSDP-sharded DiT needs all of them)."""
+    vp = data.VideoPairs(clips, size[0], args.fps, size[1], size[2], args.seed)
+    pipe = sample.Pipeline(v2l=v2l.eval(), **frozen)
+    items = [vp[i] for i in range(min(len(vp), 4 * args.eval_n))]
+    items = [it for it in items if it is not None][:args.eval_n]
+    for i, it in enumerate(items):
+        ref = (it["ref"] + 1) / 2
+        video = pipe.generate((it["video"][0] + 1) / 2, it["caption"], ref=ref, steps=args.eval_steps, seed=i)
+        if RANK == 0:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            out = run_dir / "samples" / f"step-{step:06d}-{i}.mp4"
+            data.write_video(out, torch.cat([ref, video], 3), args.fps)
+    v2l.train()
+    print0(f"validation: {len(items)} videos in {run_dir / 'samples'}")
+
+
+def main(argv=None):
+    """-> 0, or 2 for a mistake found in set-up (one line); a crash in the loop is a traceback and status 1.
+    Callable in-process (tests): it resets the run state and puts the signal handlers back."""
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    made = not out.exists()
+    STOP.clear()
+    PHASE[0] = "set-up"
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}  # set-up: stop at once
+    try:
+        return run(args)
+    except (OSError, ValueError, data.VideoError, SafetensorError) as e:
+        if PHASE[0] != "set-up":
+            raise
+        return common.error_line(e)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if made and out.is_dir() and not any(out.iterdir()):
+            with suppress(OSError):  # another rank may have removed it first
+                out.rmdir()  # a run that failed before writing anything leaves nothing behind
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -3,19 +3,19 @@ plain modules whose names mirror the checkpoint keys (`encoder.*`, `decoder.*`).
 
 Layout: `B C T H W` (channels before frames). `encode`: pixels in [-1, 1] -> (mean, logvar), unscaled;
 `decode`: unscaled latents -> pixels. Scaling by `config.scaling_factor` is the caller's job.
-Numbers follow diffusers 0.42 (/work/shared/cogvideox-spec.md §5): the video goes through in temporal
+Numbers follow diffusers 0.42's models/autoencoders/autoencoder_kl_cogvideox.py: the video goes through in temporal
 chunks whose causal-conv caches carry over and whose GroupNorm statistics are per chunk, so the chunking
 is part of the model. Optional spatial tiling equals diffusers' `enable_tiling()` path.
 Tests: python -m pytest -q tests/test_vae.py
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_and_load, read_config, read_state_dict
+from model import check_and_load, config_from_dict, read_config, read_state_dict
 
 # diffusers' frame batching (num_sample_frames_batch_size / num_latent_frames_batch_size): 8 pixel frames
 # (2 latents) per chunk, the first chunk absorbing the remainder (9 frames / 3 latents for 8k+1 videos).
@@ -69,19 +69,12 @@ class VAEConfig:
             raise ValueError("unsupported VAE config: " + "; ".join(bad))
         self.temporal_compression_ratio = int(self.temporal_compression_ratio)
 
-    # Keys of diffusers' config.json that the CogVideoX pipelines never read.
-    _IGNORED = ("force_upcast", "shift_factor", "latents_mean", "latents_std")
-
     @classmethod
-    def from_dict(cls, d, source="config"):
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in names and k not in cls._IGNORED)
-        if unknown:
-            raise ValueError(f"{source}: unknown VAE config keys {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d, source="vae config"):  # the keys diffusers writes that the CogVideoX pipelines never read:
+        return config_from_dict(cls, d, ("force_upcast", "shift_factor", "latents_mean", "latents_std"), source)
 
 
-PRESETS = {
+presets = {
     "cogvideox": VAEConfig(),
     "tiny": VAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
                       norm_num_groups=4, sample_height=64, sample_width=96),

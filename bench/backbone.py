@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
@@ -53,10 +54,10 @@ def report(name, ours, ref, err):
 def bench_dit(args, device, dtype):
     from diffusers import CogVideoXTransformer3DModel
     if args.full:
-        cfg = dict(model.DIT_PRESETS["5b-i2v"])
+        cfg = asdict(model.presets["5b-i2v"])
         F, H, W, B = 13, 60, 90, 2
     else:  # 5b-I2V structure, narrower and shallower so it runs on 2 CPU cores
-        cfg = dict(model.DIT_PRESETS["5b-i2v"], num_attention_heads=4, num_layers=2, text_embed_dim=256,
+        cfg = dict(asdict(model.presets["5b-i2v"]), num_attention_heads=4, num_layers=2, text_embed_dim=256,
                    time_embed_dim=128, sample_height=16, sample_width=24, sample_frames=9)
         F, H, W, B = 3, 16, 24, 2
     with torch.device("meta"):

@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 
 import torch
 
@@ -34,7 +35,7 @@ def timed(fn, device):
 
 
 def build_dit(preset, dtype, device, **over):
-    cfg = model.DiTConfig(**dict(model.DIT_PRESETS[preset], **over))
+    cfg = replace(model.presets[preset], **over)
     with torch.device("meta"):
         dit = model.DiT(cfg)
     dit = dit.to_empty(device=device).to(dtype).eval().requires_grad_(False)
@@ -85,7 +86,7 @@ def overhead(args, device, dtype):
 @torch.no_grad()
 def hypernet_latency(args, device):
     with torch.device("meta"):
-        dit = model.DiT(model.DiTConfig(**model.DIT_PRESETS["5b-i2v"]))
+        dit = model.DiT(model.presets["5b-i2v"])
     v2l = Video2LoRA(dit).to(device)
     torch.nn.init.normal_(v2l.hypernet.head_B.weight, std=0.01)
     print(f"hypernet: {v2l.count()['hypernet']:,} params; {v2l.lora.extra_repr()}")

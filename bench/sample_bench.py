@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
@@ -57,7 +58,7 @@ def build_full_folder(out, device, dtype):
         tokenizer=T5Tokenizer.from_pretrained(str(tok_dir)),
         text_encoder=random(lambda: T5EncoderModel(T5Config(**T5_XXL))),
         vae=random(lambda: AutoencoderKLCogVideoX(scaling_factor=0.7)),  # the rest of the defaults = spec §2.2
-        transformer=random(lambda: CogVideoXTransformer3DModel(**model.DIT_PRESETS["5b-i2v"])),
+        transformer=random(lambda: CogVideoXTransformer3DModel(**asdict(model.presets["5b-i2v"]))),
         scheduler=CogVideoXDDIMScheduler(**DDIM_CONFIG))  # snr_shift_scale 1.0, as 5b-I2V
     save(pipe, tmp / "model", tok_dir)
     del pipe

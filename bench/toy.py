@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import cache as cache_lib  # noqa: E402
 import data  # noqa: E402
+import diffusion  # noqa: E402
 import effects  # noqa: E402
 import model  # noqa: E402
 import sample  # noqa: E402
@@ -119,7 +120,7 @@ def vae_step(vae, x, gen):
     h = vae._chunked(vae.encoder, x, vae_lib.ENCODE_CHUNK)
     c = vae.config.latent_channels
     mean, logvar = h[:, :c], h[:, c:].clamp(-30.0, 20.0)
-    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
+    z = diffusion.posterior(mean, logvar, torch.randn(mean.shape, generator=gen))
     y = vae._chunked(vae.decoder, z, vae_lib.DECODE_CHUNK)
     rec = (y - x).abs().mean() + F.mse_loss(y, x)
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
@@ -234,8 +235,8 @@ def latent_set(args, root, vae):
     logvar = torch.stack([d["logvar"] for d in lat]).float()
     first = torch.stack([d["first"] for d in lat]).float() / 127.5 - 1
     g = torch.Generator().manual_seed(1)
-    sigma = (torch.randn(len(clips), generator=g) * 0.5 - 3).exp()
-    first = first + sigma[:, None, None, None] * torch.randn(first.shape, generator=g)
+    z = torch.randn(len(clips), generator=g)  # the official pixel noise's log-std draws, then the noise
+    first = diffusion.noisy_image(first, z, torch.randn(first.shape, generator=g))
     with torch.no_grad():
         im = [vae.encode(first[i:i + 32, :, None]) for i in range(0, len(first), 32)]  # [B,3,1,H,W]
     text = torch.stack([cache.text(c.caption) for c in clips]).float()
@@ -250,23 +251,23 @@ def latent_set(args, root, vae):
         cats=[c.category for c in clips])
 
 
-def dit_batch(S, idx, A, sf, g, empty, p_drop=0.1):
-    """The official I2V objective (train.py's batch_inputs, without a reference): -> (input, text, t, v)."""
+def dit_batch(S, idx, A, vcfg, dcfg, g, empty, p_drop=0.1):
+    """The official I2V objective (diffusion.py, as train.py's batch_inputs, without a reference): -> (input,
+    text, t, v). vcfg, dcfg: the VAE's and the DiT's configs."""
     B = len(idx)
-    post = lambda m, lv: m + (0.5 * lv).exp() * torch.randn(m.shape, generator=g)
-    x0 = (post(S["mean"][idx], S["logvar"][idx]) * sf).transpose(1, 2)  # VAE [B,C,F,h,w] -> DiT [B,F,C,h,w]
-    img = (post(S["img_mean"][idx], S["img_logvar"][idx]) * sf).transpose(1, 2)
-    img = torch.cat([img, img.new_zeros(B, x0.shape[1] - 1, *img.shape[2:])], 1)
+    post = lambda m, lv: diffusion.posterior(m, lv, torch.randn(m.shape, generator=g))
+    x0 = (post(S["mean"][idx], S["logvar"][idx]) * vcfg.scaling_factor).transpose(1, 2)  # VAE -> DiT layout
+    img = diffusion.scale_image_latent(post(S["img_mean"][idx], S["img_logvar"][idx]), vcfg).transpose(1, 2)
+    x0 = diffusion.pad_video(x0, dcfg)
+    img = diffusion.image_condition(img, x0.shape[1])
     t = torch.randint(0, len(A), (B,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    a = A[t].view(-1, 1, 1, 1, 1)
-    x_t, v = a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+    x_t, v = diffusion.add_noise(x0, torch.randn(x0.shape, generator=g), A[t])
     drop = torch.rand(B, generator=g) < p_drop
     text = torch.where(drop[:, None, None], empty, S["text"][idx])
     return torch.cat([x_t, img], 2), text, t, v
 
 
-def dit_worker(rank, args, dit, S, sf, A, t_end, steps):
+def dit_worker(rank, args, dit, S, vcfg, A, t_end, steps):
     """Hogwild (lock-free shared-memory SGD, as PyTorch's mnist_hogwild): --nproc processes step the same
     shared weights, each with its own AdamW, because on a shared machine every process gets its own CPU share
     (gloo DDP cannot connect here: local TCP is blocked)."""
@@ -278,7 +279,7 @@ def dit_worker(rank, args, dit, S, sf, A, t_end, steps):
         for grp in opt.param_groups:
             grp["lr"] = wall_clock_lr(args.lr, step, (time.time() - t0) / (t_end - t0))
         idx = torch.randint(len(S["mean"]), (args.batch,), generator=g)
-        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+        x, text, t, v = dit_batch(S, idx, A, vcfg, dit.config, g, S["empty"])
         loss = F.mse_loss(dit(x, text, t), v)
         opt.zero_grad()
         loss.backward()
@@ -297,7 +298,7 @@ def stage_dit(args):
     write_index(mdir)
     vae = vae_lib.load_vae(mdir / "vae")
     S = latent_set(args, out / "data/train", vae)  # builds the cache.py cache on first use
-    sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
+    A = diffusion.alphas_cumprod(SCHED_CFG).float()
     torch.manual_seed(0)
     cfg = model.DiTConfig(**DIT_CFG)
     if args.resume:  # continue pretraining the saved transformer (fresh optimizer)
@@ -314,7 +315,7 @@ def stage_dit(args):
     t0 = time.time()
     t_end = t0 + args.minutes * 60
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=dit_worker, args=(r, args, dit, S, sf, A, t_end, steps)) for r in range(args.nproc)]
+    procs = [ctx.Process(target=dit_worker, args=(r, args, dit, S, vae.config, A, t_end, steps)) for r in range(args.nproc)]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -425,7 +426,7 @@ def stage_probe(args):
 ORACLE_CATS = ["zoom_in", "pan_right", "rotate", "fade_black", "dolly_zoom", "spin_out", "swirl", "pan_up"]
 
 
-def oracle_one(args, cat, dit, S, sf, A, names):
+def oracle_one(args, cat, dit, S, vcfg, A, names):
     import lightlora
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -439,7 +440,7 @@ def oracle_one(args, cat, dit, S, sf, A, names):
         for grp in opt.param_groups:
             grp["lr"] = args.lr * min(1.0, (step + 1) / 20)
         idx = rows[torch.randint(len(rows), (args.batch,), generator=g)]
-        x, text, t, v = dit_batch(S, idx, A, sf, g, S["empty"])
+        x, text, t, v = dit_batch(S, idx, A, vcfg, dit.config, g, S["empty"])
         loss = F.mse_loss(dit(x, text, t, lora=lora), v)
         opt.zero_grad()
         loss.backward()
@@ -458,7 +459,7 @@ def stage_oracle(args):
     import torch.multiprocessing as mp
     out, mdir = Path(args.out), Path(args.out) / "model"
     vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
-    sf, A = vae.config.scaling_factor, sample.alphas_cumprod(SCHED_CFG).float()
+    A = diffusion.alphas_cumprod(SCHED_CFG).float()
     sets = {"train": latent_set(args, out / "data/train", vae),
             "train_heldout": latent_set(args, out / "data/train_heldout", vae)}
     names = lightlora.adapted_linears(dit, "attn")
@@ -466,7 +467,7 @@ def stage_oracle(args):
     cats = args.runs.split(",") if args.runs else ORACLE_CATS
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=oracle_one, args=(args, c, dit, sets["train_heldout" if c in effects.HELDOUT else "train"],
-                                                  sf, A, names)) for c in cats]
+                                                  vae.config, A, names)) for c in cats]
     for pr in procs:
         pr.start()
     for pr in procs:

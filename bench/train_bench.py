@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +68,9 @@ def main():
     dtype = torch.bfloat16 if args.full else torch.float32
     amp = torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
     if args.full:
-        cfg_dict, (Fr, H, W), hcfg = model.DIT_PRESETS["5b-i2v"], (13, 60, 90), "default"
+        cfg_dict, (Fr, H, W), hcfg = asdict(model.presets["5b-i2v"]), (13, 60, 90), "default"
     else:  # the 5b layout (RoPE, any size) with 6 heads and 2 blocks
-        cfg_dict = dict(model.DIT_PRESETS["5b"], num_attention_heads=6, num_layers=2, in_channels=32)
+        cfg_dict = dict(asdict(model.presets["5b"]), num_attention_heads=6, num_layers=2, in_channels=32)
         (Fr, H, W), hcfg = (3, 10, 16), "tiny"
     cfg = model.DiTConfig(**cfg_dict)
     g = torch.Generator().manual_seed(0)
@@ -101,7 +102,7 @@ def main():
         opt.zero_grad(set_to_none=True)
     ours_t, ours_m = measure("ours (DiT + Video2LoRA)", ours, args, device)
     del dit, v2l, opt
-    vcfg = vae_lib.VAEConfig() if args.full else vae_lib.PRESETS["tiny"]
+    vcfg = vae_lib.VAEConfig() if args.full else vae_lib.presets["tiny"]
     with torch.device("meta"):
         vae = vae_lib.VAE(vcfg)
     vae = randomise(vae, device, dtype)

@@ -8,6 +8,7 @@ import json
 import random
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import model  # noqa: E402
+import vae  # noqa: E402
 torch.set_num_threads(2)
 
 # Tiny sizes. Pixels 64x96 -> latents 8x12 (VAE /8) -> 4x6 patches; 9 frames -> 3 latent frames.
@@ -22,12 +25,8 @@ TINY_T5 = dict(vocab_size=160, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_lay
                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                relative_attention_max_distance=128, dropout_rate=0.0, layer_norm_epsilon=1e-6,
                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
-TINY_DIT_I2V = dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4,
-                    time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=12,
-                    sample_height=8, sample_frames=9, max_text_seq_length=226,
-                    use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
-TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
-                norm_num_groups=4, sample_height=64, sample_width=96, scaling_factor=0.7)
+TINY_DIT_I2V = asdict(model.presets["tiny"])  # our presets, as diffusers' keyword arguments
+TINY_VAE = asdict(vae.presets["tiny"])
 DDIM_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction",
                    rescale_betas_zero_snr=True, set_alpha_to_one=True, steps_offset=0,

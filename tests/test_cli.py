@@ -134,7 +134,7 @@ def test_cli_error(capsys, world, tiny_model_dir, script, case):
     build, match = CASES[script, case]
     argv = [str(a) for a in build(world, tiny_model_dir)]
     before = snapshot(world, tiny_model_dir)
-    entry = {"train": train.cli, "cache": cache.main, "sample": sample.main}[script]
+    entry = {"train": train.main, "cache": cache.main, "sample": sample.main}[script]
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         code = entry(argv)
@@ -151,10 +151,9 @@ def test_cli_error(capsys, world, tiny_model_dir, script, case):
 
 
 def test_scripts_exit_2(world, tiny_model_dir):
-    """The same, as real processes: status 2 and exactly one stderr line (also `python data.py cache ...`, which
-    is `python cache.py ...`)."""
+    """The same, as real processes: status 2 and exactly one stderr line."""
     for argv in (["train.py", *_train(world, world / "empty")],
-                 ["data.py", "cache", "--model", str(tiny_model_dir), "--data", str(world / "nowhere"), "--out",
+                 ["cache.py", "--model", str(tiny_model_dir), "--data", str(world / "nowhere"), "--out",
                   str(world / "c")]):
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -203,12 +202,12 @@ def test_far_from_native_size_warns(capsys, world, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_follow_the_umask(tmp_path, umask):
-    """Checkpoints, cache files and LoRA exports (all through lightlora.save_atomic) were 0600 whatever the
+    """Checkpoints, cache files and LoRA exports (all through common.save_safetensors) were 0600 whatever the
     umask, so teammates on a shared cluster could not read them; videos already followed it."""
-    import lightlora
+    import common
     old = os.umask(umask)
     try:
-        lightlora.save_atomic({"a": torch.zeros(2)}, tmp_path / "x.safetensors", {"format": "pt"})
+        common.save_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {"format": "pt"})
         data.write_video(tmp_path / "v.mp4", _video(1))
     finally:
         os.umask(old)

@@ -242,7 +242,6 @@ def test_cache_cli_defaults_and_failure(clips_dir, tiny_model_dir, tmp_path, cap
     assert cache_lib.main(argv + ["--out", str(tmp_path / "b"), "--frames", "49"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no usable clip was cached"), err
-    assert data.build_cache is cache_lib.build_cache and data.Cache is cache_lib.Cache  # the old names still work
 
 
 def test_cache_refuses_another_model(clips_dir, tiny_model_dir, tmp_path):

@@ -5,6 +5,7 @@ on CPU: 2 and 4 processes give the one-process video). As a script this file is 
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def one_thread():  # tiny ops: a second OpenMP thread only adds barriers on a sh
     torch.set_num_threads(n)
 
 
-TINY = dict(model.DIT_PRESETS["tiny"], use_learned_positional_embeddings=False)  # RoPE only: any latent size
+TINY = asdict(replace(model.presets["tiny"], use_learned_positional_embeddings=False))  # RoPE only: any latent size
 
 
 def _dit(seed=0, **over):

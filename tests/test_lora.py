@@ -2,6 +2,7 @@
 LoRA path == materialised dW == merged == diffusers with our exported file, save/load, 5B counts on meta.
 Run: python -m pytest -q tests/test_lora.py  (-s prints the counts and errors)"""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_diffusers_loads_our_export(dit, tiny_model_dir, tmp_path, layers):
 
 def test_counts_5b_i2v_on_meta():
     with torch.device("meta"):
-        dit5 = model.DiT(model.DiTConfig(**model.DIT_PRESETS["5b-i2v"]))
+        dit5 = model.DiT(model.presets["5b-i2v"])
         v2l = Video2LoRA(dit5)
         every = lightlora.LightLoRA(dit5, layers="all")
     c = v2l.count()
@@ -155,10 +156,20 @@ def test_refinement_passes(dit):
     torch.manual_seed(0)
     v2l = Video2LoRA(dit, "tiny")
     torch.nn.init.normal_(v2l.hypernet.head_B.weight, std=0.1)
-    outs = [v2l.hypernet(refs(), iters=k) for k in (1, 2, 3, 4)]
+    hn = v2l.hypernet
+    outs = [hn(refs(), iters=k) for k in (1, 2, 3, 4)]
     for i in range(4):
         for j in range(i):
             assert rel_err(outs[i][0], outs[j][0]) > 1e-4 and rel_err(outs[i][1], outs[j][1]) > 1e-4
+    # eq. 4: the passes only add residual updates to a state that starts at 0. Zero passes read the heads off
+    # state 0; with the update layer zeroed every k gives exactly that.
+    L, d = hn.weight_tokens.shape
+    zero = hn.head_norm(torch.zeros(2, L, d))
+    want = hn.head_A(zero).view(2, L, hn.r, hn.a), hn.head_B(zero).view(2, L, hn.b, hn.r)
+    assert all(torch.equal(a, b) for a, b in zip(hn(refs(), iters=0), want))
+    torch.nn.init.zeros_(hn.update.weight)
+    torch.nn.init.zeros_(hn.update.bias)
+    assert all(torch.equal(a, b) for k in (1, 3) for a, b in zip(hn(refs(), iters=k), want))
 
 
 @torch.no_grad()
@@ -183,8 +194,15 @@ def test_save_load(dit, tmp_path):
     v2l = Video2LoRA(dit, "tiny", a=10, b=5, layers="all", scale=0.5)
     torch.nn.init.normal_(v2l.hypernet.head_B.weight, std=0.1)
     path = tmp_path / "ckpt.safetensors"
-    hypernet.save(path, v2l, extra={"optim.state": torch.ones(3)}, meta={"step": 7})
+    opt = torch.optim.AdamW(v2l.parameters())
+    sum(u.sum() for _, u in v2l(refs()).values()).backward()
+    opt.step()
+    hypernet.save(path, v2l, opt, meta={"step": 7})
     back, meta = hypernet.load(path, dit)
+    opt2 = torch.optim.AdamW(back.parameters())
+    hypernet.load_optimizer(path, back, opt2)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
     assert meta == {"step": 7} and back.lora.scale == 0.5 and back.lora.names == v2l.lora.names
     assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32 for p in back.parameters())
     sd, sd2 = v2l.state_dict(), back.state_dict()
@@ -192,6 +210,6 @@ def test_save_load(dit, tmp_path):
     with torch.no_grad():
         r = refs()
         assert all(torch.equal(u, v) for (_, u), (_, v) in zip(v2l(r).values(), back(r).values()))
-    other = model.DiT(model.DiTConfig(**dict(model.DIT_PRESETS["tiny"], num_layers=3)))
+    other = model.DiT(replace(model.presets["tiny"], num_layers=3))
     with pytest.raises(ValueError, match="16 adapted layers.*this DiT has 24"):
         hypernet.load(path, other)

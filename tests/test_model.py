@@ -2,6 +2,7 @@
 Run: python -m pytest -q tests/test_model.py  (add -s to see the measured errors)"""
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -118,6 +119,11 @@ def test_dit_size_errors(dit_pair):
         x, text, t = inputs(cfg, 2, 8, 12)
         with pytest.raises(ValueError, match=f"exactly {L_TEXT} text tokens"):
             ours(x, text[:, :5], t)
+    if name == "5b":  # RoPE alone: no size error to raise; another frame count and size run, shaped like the input
+        x, text, t = inputs(cfg, 2, 10, 14)
+        with torch.no_grad():
+            out = ours(x, text, t)
+        assert out.shape == (2, 2, cfg["out_channels"], 10, 14) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("dit_pair", ["5b"], indirect=True)
@@ -278,7 +284,7 @@ def test_tokenizer_json_only(tiny_tokenizer_dir, tmp_path):
 def test_official_layout(tiny_pipe_and_dir):
     pipe, root = tiny_pipe_and_dir
     dit = model.load_dit(root / "transformer")
-    assert dit.config == model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])
+    assert dit.config == model.presets["tiny"]
     g = torch.Generator().manual_seed(0)
     x, text, t = torch.randn(1, 3, 8, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g), torch.tensor([500])
     err = rel_err(dit(x, text, t), ref_forward(pipe.transformer, x, text, t))
@@ -300,7 +306,7 @@ def dit_folder(tmp_path):
     from dataclasses import asdict
 
     from safetensors.torch import save_file
-    cfg = model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])
+    cfg = model.presets["tiny"]
     sd = model.DiT(cfg).state_dict()
     (tmp_path / "config.json").write_text(json.dumps(dict(asdict(cfg), _class_name="CogVideoXTransformer3DModel")))
     save_file(sd, tmp_path / "diffusion_pytorch_model.safetensors")
@@ -363,7 +369,7 @@ def test_load_errors(dit_folder, tmp_path_factory):
 def test_compile_no_graph_break_no_recompile():
     """fullgraph torch.compile (counting backend, no codegen): new LoRA values or timesteps reuse the graph."""
     torch.manual_seed(0)
-    dit = model.DiT(model.DiTConfig.from_dict(model.DIT_PRESETS["tiny"])).eval().requires_grad_(False)
+    dit = model.DiT(model.presets["tiny"]).eval().requires_grad_(False)
     graphs = []
     f = torch.compile(dit, backend=lambda gm, ex: graphs.append(gm) or gm.forward, fullgraph=True)
     x, text = torch.randn(2, 3, 8, 8, 12), torch.randn(2, 226, 32)
@@ -379,6 +385,6 @@ def test_compile_no_graph_break_no_recompile():
 def test_presets_match_official_key_counts(name, keys, params):
     """Spec §2.1: state-dict key counts and parameter counts of the official checkpoints (built on meta)."""
     with torch.device("meta"):
-        dit = model.DiT(model.DiTConfig.from_dict(model.DIT_PRESETS[name]))
+        dit = model.DiT(model.presets[name])
     assert len(dit.state_dict()) == keys
     assert round(sum(p.numel() for p in dit.parameters()) / 1e9, 3) == params

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cache
-import data
+import common
 import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
         assert r.returncode == 0, f"{' '.join(argv)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out.setdefault(argv[1], []).append(r.stdout)
     assert len(list((tmp_path / "clips").glob("*/*.mp4"))) == 17  # one clip of each seen category
-    size = cache.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
+    size = common.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert tuple(index["settings"][k] for k in ("frames", "height", "width")) == size
     log = out["train.py"][0]
@@ -92,7 +92,7 @@ def _parsers():
 def test_help_shows_every_default_and_choice(name):
     p = _parsers()[name]
     text = p.format_help()
-    assert p.formatter_class is data.HelpFormatter
+    assert p.formatter_class is common.HelpFormatter
     for a in p._actions:
         if isinstance(a, argparse._HelpAction):
             continue
@@ -110,6 +110,6 @@ def test_help_shows_every_default_and_choice(name):
 
 
 def test_cache_and_train_sizes_are_the_models(tiny_model_dir):
-    """cache.py's defaults (cache.model_sizes) are what train.py and sample.py take from the model."""
+    """cache.py's defaults (common.model_sizes) are what train.py and sample.py take from the model."""
     import torch
-    assert cache.model_sizes(tiny_model_dir) == sample.load(tiny_model_dir, torch.float32, "cpu").sizes() == (9, 64, 96)
+    assert common.model_sizes(tiny_model_dir) == sample.load(tiny_model_dir, torch.float32, "cpu").sizes() == (9, 64, 96)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from dataclasses import replace
 
 import sample
 from conftest import DDIM_CONFIG
@@ -108,12 +109,18 @@ def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic)
 
 
 def test_tiled_decode(tiny_model_dir, ours):
-    """tile_vae decodes in diffusers' blended tiles: same size, close to the untiled decode. The fixture's VAE
-    tiles (sample 64x96 -> 32x48) do not add up at this size, so use 96x80 ones (6x5 latents), as test_vae.py."""
+    """tile_vae reaches the decode: the pipeline's video is exactly VAE.decode(tile=True) of its latents, which
+    tests/test_vae.py checks against diffusers' tiling. The fixture's VAE tiles (sample 64x96 -> 32x48) do not
+    add up at this size, so use 96x80 ones (6x5 latents), as test_vae.py."""
     pipe = sample.load(tiny_model_dir, torch.float32, "cpu", tile_vae=True)
     pipe.vae.config.sample_height, pipe.vae.config.sample_width = 96, 80
+    decode, seen = pipe.vae.decode, []
+    pipe.vae.decode = lambda z, tile=False: seen.append((z.clone(), tile)) or decode(z, tile=tile)
     kw = dict(frames=9, height=64, width=96, steps=1, seed=2)
     tiled, full = pipe.generate(_image(), **kw), ours.generate(_image(), **kw)
+    (z, tile), = seen
+    want = (decode(z, tile=True) / 2 + 0.5).clamp(0, 1)[0].permute(1, 0, 2, 3)
+    assert tile and torch.equal(tiled, want)
     assert tiled.shape == full.shape and 0 < (tiled - full).abs().mean() < 0.1  # random weights: big seams
 
 
@@ -138,7 +145,7 @@ def ckpts(tiny_model_dir, tmp_path_factory):
     hypernet.save(tmp / "zero.safetensors", hypernet.Video2LoRA(dit, "tiny"))
     hypernet.save(tmp / "random.safetensors", perturb(hypernet.Video2LoRA(dit, "tiny"), std=0.5))
     with torch.device("meta"):
-        other = model.DiT(model.DiTConfig(**dict(model.DIT_PRESETS["tiny"], num_layers=3)))
+        other = model.DiT(replace(model.presets["tiny"], num_layers=3))
     hypernet.save(tmp / "other.safetensors", hypernet.Video2LoRA(other, "tiny"))
     return tmp
 

@@ -1,12 +1,15 @@
 """train.py end to end on tiny models (CPU, fp32, gloo): DDP == one process, SIGTERM + exact resume, bad
 clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.
     python -m pytest -q tests/test_train.py"""
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from safetensors.torch import load_file
 
 import cache as cache_lib
 import data
+import train as train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -47,13 +51,25 @@ ARGS = ["--hypernet", "tiny", "--num-workers", "0", "--warmup", "2", "--lr", "1e
 
 
 def train(model_dir, data_dir, out, *args, nproc=1, check=True, **kw):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(model_dir), "--data", str(data_dir),
-           "--out", str(out), *ARGS, *map(str, args)]
+    """train.py with these flags: in this process (one thread, as the subprocesses' OMP_NUM_THREADS=1), or
+    under torchrun with nproc > 1. -> (returncode, stdout, stderr)."""
+    argv = ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), *ARGS, *map(str, args)]
     if nproc > 1:
-        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), *argv]
+        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+    else:
+        out_, err_, threads, rng = io.StringIO(), io.StringIO(), torch.get_num_threads(), torch.get_rng_state()
+        torch.set_num_threads(1)
+        try:
+            with redirect_stdout(out_), redirect_stderr(err_):
+                code = train_py.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
+        r = SimpleNamespace(returncode=code, stdout=out_.getvalue(), stderr=err_.getvalue())
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+        raise AssertionError(f"train.py {' '.join(argv)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
 
 
@@ -172,9 +188,16 @@ def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tm
     close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 0)
 
 
-def test_nonfinite_steps(tiny_model_dir, clips, cache, tmp_path):
+def test_nonfinite_steps(tiny_model_dir, clips, cache, tmp_path, monkeypatch):
+    calls, step_loss = [], train_py.step_loss
+
+    def nan_at_2_4_5(*a):  # the loss of steps 2, 4 and 5 made NaN
+        calls.append(1)
+        loss = step_loss(*a)
+        return loss * float("nan") if len(calls) in (2, 4, 5) else loss
+    monkeypatch.setattr(train_py, "step_loss", nan_at_2_4_5)
     r = train(tiny_model_dir, clips, tmp_path, "--steps", 8, "--save-every", 1, "--keep", 10, "--cache", cache,
-              "--debug-nan-at", "2,4,5", "--max-bad-steps", 2, check=False)
+              "--max-bad-steps", 2, check=False)
     assert r.returncode == 1 and "non-finite steps in a row" in r.stdout, r.stdout + r.stderr
     rec = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in rec] == [0, 1, 1, 2, 3]

@@ -103,7 +103,7 @@ def test_config_properties_and_bf16(pair):
     _, ours = pair
     assert ours.spatial_compression == 8 and ours.temporal_compression == 4
     assert ours.config.scaling_factor == 0.7 and ours.config.invert_scale_latents is False
-    assert V.VAE(V.PRESETS["tiny"]).spatial_compression == 8
+    assert V.VAE(V.presets["tiny"]).spatial_compression == 8
     z = torch.randn(1, 4, 3, 2, 3)
     want = ours.decode(z)
     got = copy.deepcopy(ours).to(torch.bfloat16).decode(z)  # fp32 input is cast to the weights' dtype
@@ -114,7 +114,7 @@ def test_official_topology_keys_and_shapes():
     """The full-size preset (built on meta, free) has exactly diffusers' keys and shapes (spec §2.2, §5.7)."""
     from diffusers import AutoencoderKLCogVideoX
     with torch.device("meta"):
-        ours, ref = V.VAE(V.PRESETS["cogvideox"]), AutoencoderKLCogVideoX()
+        ours, ref = V.VAE(V.presets["cogvideox"]), AutoencoderKLCogVideoX()
     want = {k: v.shape for k, v in ref.state_dict().items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == want
     assert len(want) == 436 and sum(p.numel() for p in ours.parameters()) == 215_583_907

@@ -55,23 +55,34 @@ class Tracker(TorchDispatchMode):
         self.sizes, self.hosted = {}, set()
         self.live = self.peak = 0
         self.count, self.flops, self.moved = False, 0, 0
+        # where the bytes are: each storage is labelled with `tag` as it was when the storage was made;
+        # `by_tag` = live bytes per label now, `at_peak` = the same at the peak (and `where` = the tag then)
+        self.tag, self.by_tag, self.at_peak, self.where = "weights", {}, {}, None
+
+    def _count(self, key, n):  # n bytes of storage `key` start (n > 0) or stop (n < 0) counting
+        self.live += n
+        tag = self.sizes[key][1]
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        if self.live > self.peak:
+            self.peak, self.at_peak, self.where = self.live, dict(self.by_tag), self.tag
 
     def _add(self, t):
         st = t.untyped_storage()
         key = st._cdata
         if key in self.sizes:
             return
-        self.sizes[key] = n = st.nbytes()
-        self.live += n
-        self.peak = max(self.peak, self.live)
+        self.sizes[key] = (st.nbytes(), self.tag)
+        self._count(key, st.nbytes())
         weakref.finalize(st, self._free, key)
 
     def _free(self, key):
-        n = self.sizes.pop(key, 0)
+        if key not in self.sizes:
+            return
         if key in self.hosted:
             self.hosted.discard(key)
         else:
-            self.live -= n
+            self._count(key, -self.sizes[key][0])
+        self.sizes.pop(key)
 
     def host(self, tensors, on_host=True):
         for t in tensors:
@@ -81,14 +92,26 @@ class Tracker(TorchDispatchMode):
                 self._add(t)
             if on_host and key not in self.hosted:
                 self.hosted.add(key)
-                self.live -= self.sizes[key]
+                self._count(key, -self.sizes[key][0])
             elif not on_host and key in self.hosted:
                 self.hosted.discard(key)
-                self.live += self.sizes[key]
-                self.peak = max(self.peak, self.live)
+                self._count(key, self.sizes[key][0])
 
     def reset_peak(self):
-        self.peak = self.live
+        self.peak, self.at_peak, self.where = self.live, dict(self.by_tag), self.tag
+
+    @contextlib.contextmanager
+    def tagged(self, tag):
+        old, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = old
+
+    def breakdown(self):
+        """'GiB by label at the peak' as one line, largest first."""
+        parts = sorted(((v, k) for k, v in self.at_peak.items() if v), reverse=True)
+        return f"peak in {self.where}: " + ", ".join(f"{k} {v / GiB:.2f}" for v, k in parts)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -247,15 +270,19 @@ def train_args(mdir, *flags):
     return train.p.parse_args(["--model", str(mdir), "--data", "-", "--out", "-", *flags])
 
 
-def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
+def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdown=None):
     """[peak GiB of each step] of train.py's step with these command-line flags: batch_inputs, step_loss,
-    backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does."""
+    backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does. A list
+    given as `breakdown` gets each step's Tracker.breakdown() (bytes at the peak by the phase that made them)."""
     args = train_args(mdir, *flags)
     cache = args.cache is not None
     with fake() as (_, tr):
         dit, vae, t5, sched = load_models(mdir, dtype, t5=True)
         hcfg = hypernet.presets[args.hypernet]
-        v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32 already
+        with tr.tagged("video2lora"):
+            v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32
+        hooks = [m.register_forward_pre_hook(lambda *_, tag=tag: setattr(tr, "tag", tag))
+                 for m, tag in ((v2l, "hypernet"), (dit, "dit"))]
         names = train.param_names(v2l)
         train.wrap(dit, args, dtype, v2l)
         opt = train.optimizer(v2l, names, args)
@@ -289,13 +316,20 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
                          for i in range(batch)]
             tr.host([t for it in items for t in tree_flatten(it)[0] if isinstance(t, torch.Tensor)])
             tr.reset_peak()
+            tr.tag = "inputs"
             loss = train.step_loss(v2l, dit, batch_inputs(items), amp)  # as train.main's loop
+            tr.tag = "backward"
             loss.backward()
+            tr.tag = "clip+adamw"
             torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             del loss, items
             peaks.append(tr.peak / GiB)
+            if breakdown is not None:
+                breakdown.append(tr.breakdown())
+        for h in hooks:
+            h.remove()
     return peaks
 
 
@@ -340,14 +374,13 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
             m = CogVideoXTransformer3DModel.from_config(tcfg)
             if lora:  # on meta: peft's module swaps cannot swap fake tensors
                 m.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        lo = {n for n, p in m.named_parameters() if p.requires_grad}
+        # The adapters take the base layer's dtype, bf16: diffusers' add_adapter calls peft's
+        # inject_adapter_in_model, whose LoraLayer.update_layer moves each adapter to its base layer's device and
+        # dtype (peft/tuners/tuners_utils.py _move_adapter_to_device_of_base_layer; it skips meta layers, hence
+        # the cast here). Only PeftModel upcasts adapters to fp32 (autocast_adapter_dtype), not this path.
         m = materialise(m, dtype).eval().requires_grad_(False)
-        for n, p in list(m.named_parameters()):
-            if n in lo:  # peft keeps adapters of a bf16 model in fp32 (autocast_adapter_dtype=True)
-                mod, k = m.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]
-                mod._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32))
-            else:
-                p.requires_grad_(False)
+        for n, p in m.named_parameters():
+            p.requires_grad_(".lora_" in n)
         return m
 
     def inputs(b):
@@ -429,8 +462,10 @@ def main(argv=None):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
         for i, (label, flags) in enumerate(TRAIN_ROWS):
             if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for the first row only
-                pk = train_peaks(args.model, flags, steps=2 if i == 0 else 1) + ["-"]
+                where = []
+                pk = train_peaks(args.model, flags, steps=2 if i == 0 else 1, breakdown=where) + ["-"]
                 print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
+                print("  " + where[-1], file=sys.stderr, flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")
 
 

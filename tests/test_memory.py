@@ -80,3 +80,43 @@ def test_estimator_runs_the_pipeline_and_train_step(tiny_model_dir):
     full = memory.train_peaks(tiny_model_dir, ("--no-checkpointing", "--cache", "-"), dtype=f32)
     assert len(ckpt) == 2 and ckpt[1] >= ckpt[0] * 0.99  # step 2 holds AdamW's state
     assert ckpt[1] < full[1]
+
+
+def test_gelu_linear_is_autograd_bit_for_bit():
+    """model.gelu_linear (GELU's backward written into the matmul's gradient) = F.gelu + F.linear under autograd."""
+    torch.manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16):
+        lin = torch.nn.Linear(64, 16).to(dt).requires_grad_(False)
+        h0, g = torch.randn(2, 37, 64, dtype=dt), torch.randn(2, 37, 16, dtype=dt)
+        h1, h2 = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+        y1 = torch.nn.functional.linear(torch.nn.functional.gelu(h1, approximate="tanh"), lin.weight, lin.bias)
+        y2 = model.gelu_linear(lin, h2)
+        y1.backward(g)
+        y2.backward(g)
+        assert y2.grad_fn.name() == "_GeluLinearBackward"
+        assert torch.equal(y1, y2) and torch.equal(h1.grad, h2.grad), dt
+
+
+def test_checkpointing_changes_no_number():
+    """train.wrap --checkpointing (DiT blocks, hypernet blocks and the whole Video2LoRA call, nested) against
+    --no-checkpointing: the same loss and every gradient bit for bit."""
+    import copy
+    import contextlib
+    import train
+    torch.manual_seed(0)
+    base = model.DiT(model.DiTConfig(**model.DIT_PRESETS["tiny"])).eval().requires_grad_(False)
+    v0 = hypernet.Video2LoRA(base, "tiny", a=8, b=4)
+    with torch.no_grad():  # B_pred != 0, so every parameter gets a gradient
+        v0.hypernet.head_B.weight.normal_(std=0.1)
+    batch = (torch.randn(2, 3, 8, 8, 12), torch.randn(2, 226, 32), torch.tensor([999, 10]), None,
+             torch.randn(2, 3, 4, 8, 12), torch.randn(2, 3, 4, 8, 12))
+    out = []
+    for flag in ("--checkpointing", "--no-checkpointing"):
+        dit, v2l = copy.deepcopy(base), copy.deepcopy(v0)
+        train.wrap(dit, memory.train_args("-", flag), torch.float32, v2l)
+        loss = train.step_loss(v2l, dit, batch, contextlib.nullcontext())
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in v2l.named_parameters()}))
+    (l1, g1), (l2, g2) = out
+    assert torch.equal(l1, l2)
+    assert all(g1[k].abs().sum() > 0 and torch.equal(g1[k], g2[k]) for k in g1)

@@ -287,13 +287,16 @@ def check_model_dir(d, option="--model"):
 
 
 def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False, compile=False,
-         parallel=None, verbose=False):
-    """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
+         parallel=None, verbose=False, fp8=False):
+    """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]. fp8: the
+    DiT blocks' weights stored in float8 (model.store_fp8)."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     check_model_dir(d)
     say = (lambda what: print(f"loading {what}", flush=True)) if verbose else (lambda what: None)
     say(d / "transformer")  # 5B: ~11 GB in bf16; T5-XXL's ~9.5 GB next
     dit = model.load_dit(d / "transformer", dtype, home)
+    if fp8:
+        model.store_fp8(dit)
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
     if ckpt is not None:
@@ -408,7 +411,8 @@ def run(args):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
 
     say = par is None or par.rank == 0  # progress lines from one process
-    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par, say)
+    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par, say,
+                args.fp8_storage)
     pipe.verbose = say
     if device.type == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
@@ -498,6 +502,8 @@ def cli():
     p.add_argument("--offload", action="store_true", help="keep only the running stage's model (T5, DiT, VAE) on "
                    "the GPU")
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
+    p.add_argument("--fp8-storage", action="store_true", help="keep the DiT blocks' weight matrices in float8 and "
+                   "cast each to --dtype just before use (~5 GiB less at 5B; weights rounded to 3 mantissa bits)")
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (the first step pays the "
                    "compile)")
     p.add_argument("--cache-threshold", type=float, nargs="?", const=fast.CACHE_THRESHOLD, default=0.0, metavar="T",

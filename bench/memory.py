@@ -230,10 +230,12 @@ def sizes(dit, vae):
 # ---------------------------------------------------------------------------------------------------------
 # sample.py
 
-def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16):
+def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16, fp8=False):
     """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them."""
     with fake() as (_, tr):
         dit, vae, t5, sched = load_models(mdir, dtype)
+        if fp8:  # as sample.load
+            model.store_fp8(dit)
         v2l = hypernet.Video2LoRA(dit).eval() if ref else None  # fp32, stays on the device (sample.load)
         peaks = {}
         frozen = [dit, vae, t5]
@@ -245,7 +247,9 @@ def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=t
                     for m in frozen:
                         tr.host(list(m.parameters()) + list(m.buffers()), m is not module)
                 tr.reset_peak()
-                with super()._stage(name, module):
+                # the moves are the host() calls above; module.to on fake CPU tensors would move nothing (and
+                # cannot swap float8 parameters that the tracker watches)
+                with super()._stage(name, None if self.offload else module):
                     yield
                 peaks[name] = max(peaks.get(name, 0), tr.peak)
 
@@ -278,6 +282,8 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdow
     cache = args.cache is not None
     with fake() as (_, tr):
         dit, vae, t5, sched = load_models(mdir, dtype, t5=True)
+        if args.fp8_storage:  # as train.main, right after loading
+            model.store_fp8(dit)
         hcfg = hypernet.presets[args.hypernet]
         with tr.tagged("video2lora"):
             v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32
@@ -429,7 +435,8 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
 TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
               ("--cache (no checkpointing)", ("--no-checkpointing", "--cache", "-")),
               ("--checkpointing, no cache", ("--checkpointing",)),
-              ("no checkpointing, no cache", ("--no-checkpointing",))]
+              ("no checkpointing, no cache", ("--no-checkpointing",)),
+              ("--checkpointing --cache --fp8-storage", ("--checkpointing", "--cache", "-", "--fp8-storage"))]
 
 
 def main(argv=None):
@@ -437,7 +444,8 @@ def main(argv=None):
     p.add_argument("--model", default=str(OFFICIAL), help="model folder (config.json files are enough)")
     p.add_argument("--only", choices=("sample", "train", "flops"))
     p.add_argument("--steps", type=int, default=2, help="denoising steps run (the peak is per step)")
-    p.add_argument("--row", type=int, help="one train row (0-3), to run them in parallel")
+    p.add_argument("--row", type=int, choices=range(len(TRAIN_ROWS)), metavar=f"0-{len(TRAIN_ROWS) - 1}",
+                   help="one train row")
     p.add_argument("--diffusers", action="store_true", help="dev: diffusers' modules instead of ours")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -453,17 +461,19 @@ def main(argv=None):
         print(f"DiT forward, CFG batch 2 + LoRA: {tf:.1f} TFLOP, {gb:.1f} GB moved, peak {pk:.2f} GiB\n", flush=True)
     if args.only in (None, "sample"):
         print("| sample.py | text | image encode | denoise | decode | ref->lora |\n|---|---|---|---|---|---|")
-        for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae")):
-            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps)
+        for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae"),
+                      ("--offload", "--tile-vae", "--fp8-storage")):
+            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps,
+                              fp8="--fp8-storage" in flags)
             print(f"| {' '.join(flags) or '(default)'} | " + " | ".join(
                 f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) + " |", flush=True)
         print()
     if args.only in (None, "train"):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
         for i, (label, flags) in enumerate(TRAIN_ROWS):
-            if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for the first row only
+            if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for rows 0 and 4 only
                 where = []
-                pk = train_peaks(args.model, flags, steps=2 if i == 0 else 1, breakdown=where) + ["-"]
+                pk = train_peaks(args.model, flags, steps=2 if i in (0, 4) else 1, breakdown=where) + ["-"]
                 print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
                 print("  " + where[-1], file=sys.stderr, flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")

@@ -113,8 +113,34 @@ class Tracker(TorchDispatchMode):
         parts = sorted(((v, k) for k, v in self.at_peak.items() if v), reverse=True)
         return f"peak in {self.where}: " + ", ".join(f"{k} {v / GiB:.2f}" for v, k in parts)
 
+    def shard(self, groups, ranks, window=2):
+        """Model FSDP2 per rank (fully_shard per block, reshard after forward and backward; not FSDP2's code,
+        which needs a process group): each group's parameters (one DiT block's) count as a 1/ranks shard, and as
+        a whole (the all-gathered copy) from the first op that reads one of them until `window` groups later -
+        the block running and the one FSDP2 prefetches, in forward, in checkpointing's recompute and in backward."""
+        self.owner, self.members, self.gathered, self.window = {}, [], [], window
+        for i, params in enumerate(groups):
+            self.host(params)
+            self.members.append(params)
+            for p in params:
+                self.owner[p.untyped_storage()._cdata] = i
+        with self.tagged("fsdp shards"):
+            n = sum(p.untyped_storage().nbytes() for g in groups for p in g)
+            self.shards = torch.empty(-(-n // ranks), dtype=torch.uint8)  # this rank's shards, flat
+
+    def _gather(self, args, kwargs):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and (i := self.owner.get(t.untyped_storage()._cdata)) is not None \
+                    and i not in self.gathered:
+                self.gathered.append(i)
+                self.host(self.members[i], on_host=False)  # counted under their own label, "weights"
+                if len(self.gathered) > self.window:
+                    self.host(self.members[self.gathered.pop(0)])
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(self, "owner", None):
+            self._gather(args, kwargs)
         out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         for t in outs:
@@ -274,10 +300,11 @@ def train_args(mdir, *flags):
     return train.p.parse_args(["--model", str(mdir), "--data", "-", "--out", "-", *flags])
 
 
-def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdown=None):
+def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdown=None, ranks=8):
     """[peak GiB of each step] of train.py's step with these command-line flags: batch_inputs, step_loss,
     backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does. A list
-    given as `breakdown` gets each step's Tracker.breakdown() (bytes at the peak by the phase that made them)."""
+    given as `breakdown` gets each step's Tracker.breakdown() (bytes at the peak by the phase that made them).
+    With --fsdp: one rank's peak out of `ranks` (the DiT's blocks sharded as Tracker.shard models it)."""
     args = train_args(mdir, *flags)
     cache = args.cache is not None
     with fake() as (_, tr):
@@ -290,7 +317,11 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdow
         hooks = [m.register_forward_pre_hook(lambda *_, tag=tag: setattr(tr, "tag", tag))
                  for m, tag in ((v2l, "hypernet"), (dit, "dit"))]
         names = train.param_names(v2l)
-        train.wrap(dit, args, dtype, v2l)
+        train.wrap(dit, argparse.Namespace(**dict(vars(args), fsdp=False)), dtype, v2l)
+        if args.fsdp:  # train.wrap's fully_shard per block, modelled (Tracker.shard); DDP's gradient buckets
+            tr.shard([list(b.parameters()) for b in dit.transformer_blocks], ranks)
+            with tr.tagged("ddp buckets"):  # DistributedDataParallel(gradient_as_bucket_view=False) allocates
+                buckets = torch.empty(sum(p.numel() for p in v2l.parameters()))  # one fp32 copy of the grads
         opt = train.optimizer(v2l, names, args)
         A = sample.alphas_cumprod(sched).float()
         memo = {}
@@ -436,7 +467,9 @@ TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
               ("--cache (no checkpointing)", ("--no-checkpointing", "--cache", "-")),
               ("--checkpointing, no cache", ("--checkpointing",)),
               ("no checkpointing, no cache", ("--no-checkpointing",)),
-              ("--checkpointing --cache --fp8-storage", ("--checkpointing", "--cache", "-", "--fp8-storage"))]
+              ("--checkpointing --cache --fp8-storage", ("--checkpointing", "--cache", "-", "--fp8-storage")),
+              ("--checkpointing --cache --fsdp, per rank of 8 (modelled)", ("--checkpointing", "--cache", "-",
+                                                                            "--fsdp"))]
 
 
 def main(argv=None):
@@ -471,9 +504,9 @@ def main(argv=None):
     if args.only in (None, "train"):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
         for i, (label, flags) in enumerate(TRAIN_ROWS):
-            if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for rows 0 and 4 only
+            if args.row is None or args.row == i:  # step 2 adds AdamW's state: rows 0, 4, 5
                 where = []
-                pk = train_peaks(args.model, flags, steps=2 if i in (0, 4) else 1, breakdown=where) + ["-"]
+                pk = train_peaks(args.model, flags, steps=2 if i in (0, 4, 5) else 1, breakdown=where) + ["-"]
                 print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
                 print("  " + where[-1], file=sys.stderr, flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")

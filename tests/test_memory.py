@@ -239,3 +239,25 @@ def test_fp8_training_keeps_float8_for_backward():
             y2.backward(g)
             assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad), (ours, dt)
             assert [t.dtype for t in saved if t.shape == w.shape] == [torch.float8_e4m3fn]
+
+
+def test_fsdp_per_rank_model(tiny_model_dir, tmp_path):
+    """--fsdp N per rank (Tracker.shard): the blocks' weights count 1/N, plus two blocks all-gathered at a time,
+    plus DDP's fp32 gradient buckets for Video2LoRA; everything else as in one process."""
+    import json
+    import shutil
+    for sub in ("transformer", "vae", "text_encoder", "scheduler"):
+        shutil.copytree(tiny_model_dir / sub, tmp_path / sub, ignore=lambda d, names: [
+            n for n in names if not n.endswith(".json")])
+    cfg = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(cfg, num_layers=6)))
+    f32, flags, GiB = torch.float32, ("--checkpointing", "--cache", "-"), memory.GiB
+    one = memory.train_peaks(tmp_path, flags, steps=1, dtype=f32)[0]
+    per_rank = memory.train_peaks(tmp_path, flags + ("--fsdp",), steps=1, dtype=f32, ranks=3)[0]
+    with torch.device("meta"):
+        dit = model.DiT(model.DiTConfig.from_dict(cfg | dict(num_layers=6)))
+        v2l = hypernet.Video2LoRA(dit, "default")
+    block = sum(p.numel() * 4 for p in dit.transformer_blocks[0].parameters())
+    buckets = sum(p.numel() * 4 for p in v2l.parameters())
+    want = one - (6 * block - 6 * block / 3 - 2 * block - buckets) / GiB
+    assert per_rank == pytest.approx(want, rel=1e-3), (one, per_rank, want)

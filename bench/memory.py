@@ -3,6 +3,7 @@
     python bench/memory.py                                  # CogVideoX-5B-I2V (bench/configs/), every row
     python bench/memory.py --model DIR                      # any model folder (its config.json files suffice)
     python bench/memory.py --only sample|train|flops        # one part
+    python bench/memory.py --only train --row N             # one train row (TRAIN_ROWS: 4 = --fp8-storage, 5 = --fsdp)
     python bench/memory.py --diffusers                      # dev: the same estimator on diffusers' modules
 
 The real code (sample.Pipeline, train.batch_fn / step_loss / wrap / optimizer, the model modules) runs on
@@ -12,8 +13,9 @@ storage counts from the op that creates it until a weakref finaliser sees it die
 autograd's saved tensors count as on a GPU. GiB = 2^30 B, comparable to torch.cuda.max_memory_allocated.
 Not seen: kernel workspaces (cuDNN conv, cuBLAS), the caching allocator's rounding and fragmentation, the
 CUDA context. CUDA's autocast differs from the CPU's (on CUDA layer_norm runs and returns fp32); `CudaAutocast`
-applies CUDA's op lists wherever CPU autocast is on. tests/test_memory.py checks the estimate against the
-CPU allocator on a real tiny run.
+applies CUDA's op lists wherever CPU autocast is on. Each train row also prints where the bytes are at its
+peak (Tracker.breakdown). --fsdp is modelled, not run (Tracker.shard: FSDP2 needs a process group).
+tests/test_memory.py checks the estimate against the CPU allocator on a real tiny run.
 """
 import argparse
 import contextlib

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from linear import gelu_linear, lora_linear
+
 # ----------------------------------------------------------------------------------------------------
 # Loading (shared with vae.py): safetensors only, never pickle.
 
@@ -195,19 +197,6 @@ presets = {  # DiTConfig's defaults are CogVideoX-2b's
 
 # ----------------------------------------------------------------------------------------------------
 # DiT maths
-
-def lora_linear(layer, x, ab=None):
-    """layer(x), plus x[b] @ down[b] @ up[b] when ab = (down [B|1, d_in, r], up [B|1, r, d_out]).
-    With ab None this is exactly F.linear (the base model's bits)."""
-    y = F.linear(x, layer.weight, layer.bias)
-    if ab is None:
-        return y
-    down, up = ab[0].to(x.dtype), ab[1].to(x.dtype)
-    if x.dim() == 2:
-        return lora_linear(layer, x[:, None], ab)[:, 0]
-    xd = torch.matmul(x, down)  # [B, N, r]; broadcasts a batch-1 down over the batch
-    return y.baddbmm_(xd, up.expand(xd.shape[0], -1, -1))  # in place: F.linear's backward does not need y
-
 
 def timestep_sinusoid(t, dim):
     """diffusers' Timesteps(flip_sin_to_cos=True, shift=0) in float32: [cos | sin]."""
@@ -391,8 +380,7 @@ class Block(nn.Module):
         sh, sc, g, csh, csc, cg = lora_linear(self.norm2.linear, temb, ab("norm2.linear")).chunk(6, dim=1)
         h = torch.cat([modulate(self.norm2.norm(c), csh, csc), modulate(self.norm2.norm(x), sh, sc)], dim=1)
         h = lora_linear(self.ff.net[0].proj, h, ab("ff.net.0.proj"))  # [B, S, 4D], the block's largest
-        h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
-        h = lora_linear(self.ff.net[2], h, ab("ff.net.2"))
+        h = gelu_linear(self.ff.net[2], h, ab("ff.net.2"))
         return x + g[:, None] * h[:, L:], c + cg[:, None] * h[:, :L]
 
 

@@ -24,6 +24,7 @@ import common
 import data
 import diffusion
 import fast
+import linear
 import hypernet
 import lightlora
 import model
@@ -198,13 +199,14 @@ class Pipeline:
 
 
 def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=False, tile_vae=False, compile=False,
-         parallel=None, verbose=False):
-    """An official I2V folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) [+ hypernet ckpt]."""
+         parallel=None, verbose=False, fp8=False):
+    """An official I2V folder (transformer/ vae/ text_encoder/ ...) [+ hypernet ckpt]; fp8: linear.store_fp8."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     common.check_model_dir(d)
     say = (lambda what: print(f"loading {what}", flush=True)) if verbose else (lambda what: None)
     say(d / "transformer")  # 5B: ~11 GB in bf16; T5-XXL's ~9.5 GB next
     dit = model.load_dit(d / "transformer", dtype, home)
+    dit = linear.store_fp8(dit) if fp8 else dit
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
     if ckpt is not None:
@@ -256,14 +258,15 @@ def run(args):
         raise ValueError("--save-lora/--export-lora need a reference or --lora")
     (frames, height, width), native = common.model_size(mdir, args.frames, args.height, args.width)
     if not (0.5 <= frames / native[0] <= 2 and 0.25 <= height * width / (native[1] * native[2]) <= 4):
-        print(f"warning: {frames}x{height}x{width} (frames x height x width) is far from the {'x'.join(map(str, native))}"
-              f" this model was made for: {frames * height * width / math.prod(native):.3g}x the work (attention grows "
-              f"faster) and an output unlike its training", file=sys.stderr)
+        size, work = "x".join(map(str, native)), frames * height * width / math.prod(native)
+        print(f"warning: {frames}x{height}x{width} (frames x height x width) is far from the {size} this model was "
+              f"made for: {work:.3g}x the work and an output unlike its training", file=sys.stderr)
     par, rank_device = fast.init_parallel()  # under torchrun: this rank's device, and every rank runs each step
     device = torch.device(rank_device) if rank_device is not None else device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     say = par is None or par.rank == 0  # progress lines from one process
-    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par, say)
+    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par, say,
+                args.fp8_storage)
     if device.type == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
     scaled = lambda lo: {k: (d, u * args.lora_scale) for k, (d, u) in lo.items()}  # up carries the scale
@@ -305,8 +308,7 @@ def cli():
     arg("image", metavar="img.png", help="the first frame of the output (any size: covered, centre-cropped)")
     arg("--prompt", default="", metavar="TEXT", help="text prompt (the negative prompt is empty)")
     arg("--model", default="assets", metavar="DIR", help="CogVideoX I2V folder (transformer/ vae/ text_encoder/ ...)")
-    arg("--ckpt", metavar="FILE", help="hypernetwork checkpoint, e.g. a training run's ckpt-*.safetensors "
-        "(default: <model>/hypernet.safetensors)")
+    arg("--ckpt", metavar="FILE", help="hypernetwork checkpoint (default: <model>/hypernet.safetensors)")
     arg("--out", default="out.mp4", metavar="FILE", help="output video (.mp4, .mov, .mkv or .m4v; H.264)")
     arg("--frames", type=num(int, 1), help="8k+1 (default: the model's sample_frames)")
     arg("--height", type=num(int, 16), help="multiple of 16 (default: the model's sample_height x 8)")
@@ -325,10 +327,10 @@ def cli():
         "applied without the hypernetwork (repeatable, blends with the references like --ref)")
     arg("--no-ref", action="store_true", help="ignore reference videos: the base model, or only the --lora files")
     arg("--save-lora", metavar="FILE", help="write the LoRA used (the blend) for reuse with --lora")
-    arg("--export-lora", metavar="FILE", help="write the LoRA used as a diffusers file "
-        "(CogVideoXImageToVideoPipeline.load_lora_weights)")
+    arg("--export-lora", metavar="FILE", help="write the LoRA used for diffusers' load_lora_weights")
     arg("--offload", action="store_true", help="keep only the running stage's model (T5, DiT, VAE) on the GPU")
     arg("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
+    arg("--fp8-storage", action="store_true", help="DiT block weights kept in float8, cast per layer (~5 GiB less)")
     arg("--compile", action="store_true", help="torch.compile each DiT block (the first step pays the compile)")
     arg("--cache-threshold", type=num(float, 0), nargs="?", const=fast.CACHE_THRESHOLD, default=0.0, metavar="T",
         help=f"skip DiT blocks 1.. on steps whose first-block residual moved < T (relative L1) since the last full "

@@ -32,6 +32,7 @@ from tqdm import tqdm
 import cache as cache_lib
 import common
 import data
+import linear
 import hypernet
 import model
 import sample
@@ -93,6 +94,9 @@ p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default
                help="recompute each DiT and hypernetwork block's activations in backward (at 5B a step needs ~3x "
                     "the memory without)")
 p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+p.add_argument("--fp8-storage", action="store_true", help="keep the frozen DiT blocks' weight matrices in float8 "
+               "(e4m3, scaled by a power of two) and cast each to --dtype just before use: ~5 GiB less at 5B, "
+               "weights rounded to 3 mantissa bits (linear.store_fp8)")
 p.add_argument("--num-workers", type=num(int, 0), default=2, help="video decoding processes per rank")
 p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; under torchrun the rank's "
                "own GPU)")
@@ -176,6 +180,9 @@ def wrap(dit, args, dtype, v2l=None):
             blk.compile()
     for blk in v2l.hypernet.blocks if v2l is not None and args.checkpointing else ():
         blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
+    if v2l is not None and args.checkpointing:  # and the whole Video2LoRA call around them (nested): its saved
+        # block inputs (0.5 GiB at 5B) are dropped until the fold's backward, which runs after every DiT block's
+        v2l.forward = functools.partial(torch.utils.checkpoint.checkpoint, v2l.forward, use_reentrant=False)
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -202,6 +209,8 @@ def check(args):
     device = common.check_device(args.device)
     if device.type == "cuda" and device.index is None:  # under torchrun each rank takes its own GPU
         device = common.check_device(f"cuda:{LOCAL}")
+    if args.fp8_storage and args.fsdp:  # FSDP2's param_dtype cast would hand lora_linear unscaled bf16 weights
+        raise ValueError("--fp8-storage and --fsdp cannot be combined: pick one")
     if args.fsdp and WORLD == 1:
         raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
     if args.hypernet not in hypernet.presets:
@@ -239,6 +248,8 @@ def run(args):
 
     # ---- frozen models (bf16, eval, no grad) -------------------------------------------------------------
     dit = model.load_dit(mdir / "transformer", dtype, "cpu" if args.fsdp else device)  # FSDP moves the shards
+    if args.fp8_storage:
+        linear.store_fp8(dit)
     vae = vae_lib.load_vae(mdir / "vae", dtype, device)  # eval, requires_grad False
     sched_cfg = json.loads((mdir / "scheduler" / "scheduler_config.json").read_text())
     A = alphas_cumprod(sched_cfg).float().to(device)

@@ -3,6 +3,7 @@
     python bench/memory.py                                  # CogVideoX-5B-I2V (bench/configs/), every row
     python bench/memory.py --model DIR                      # any model folder (its config.json files suffice)
     python bench/memory.py --only sample|train|flops        # one part
+    python bench/memory.py --only train --row N             # one train row (TRAIN_ROWS: 4 = --fp8-storage, 5 = --fsdp)
     python bench/memory.py --diffusers                      # dev: the same estimator on diffusers' modules
 
 The real code (sample.Pipeline, train.batch_fn / step_loss / wrap / optimizer, the model modules) runs on
@@ -12,8 +13,9 @@ storage counts from the op that creates it until a weakref finaliser sees it die
 autograd's saved tensors count as on a GPU. GiB = 2^30 B, comparable to torch.cuda.max_memory_allocated.
 Not seen: kernel workspaces (cuDNN conv, cuBLAS), the caching allocator's rounding and fragmentation, the
 CUDA context. CUDA's autocast differs from the CPU's (on CUDA layer_norm runs and returns fp32); `CudaAutocast`
-applies CUDA's op lists wherever CPU autocast is on. tests/test_memory.py checks the estimate against the
-CPU allocator on a real tiny run.
+applies CUDA's op lists wherever CPU autocast is on. Each train row also prints where the bytes are at its
+peak (Tracker.breakdown). --fsdp is modelled, not run (Tracker.shard: FSDP2 needs a process group).
+tests/test_memory.py checks the estimate against the CPU allocator on a real tiny run.
 """
 import argparse
 import contextlib
@@ -34,7 +36,9 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import diffusion  # noqa: E402
 import hypernet  # noqa: E402
+import linear  # noqa: E402
 import model  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -55,23 +59,34 @@ class Tracker(TorchDispatchMode):
         self.sizes, self.hosted = {}, set()
         self.live = self.peak = 0
         self.count, self.flops, self.moved = False, 0, 0
+        # where the bytes are: each storage is labelled with `tag` as it was when the storage was made;
+        # `by_tag` = live bytes per label now, `at_peak` = the same at the peak (and `where` = the tag then)
+        self.tag, self.by_tag, self.at_peak, self.where = "weights", {}, {}, None
+
+    def _count(self, key, n):  # n bytes of storage `key` start (n > 0) or stop (n < 0) counting
+        self.live += n
+        tag = self.sizes[key][1]
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        if self.live > self.peak:
+            self.peak, self.at_peak, self.where = self.live, dict(self.by_tag), self.tag
 
     def _add(self, t):
         st = t.untyped_storage()
         key = st._cdata
         if key in self.sizes:
             return
-        self.sizes[key] = n = st.nbytes()
-        self.live += n
-        self.peak = max(self.peak, self.live)
+        self.sizes[key] = (st.nbytes(), self.tag)
+        self._count(key, st.nbytes())
         weakref.finalize(st, self._free, key)
 
     def _free(self, key):
-        n = self.sizes.pop(key, 0)
+        if key not in self.sizes:
+            return
         if key in self.hosted:
             self.hosted.discard(key)
         else:
-            self.live -= n
+            self._count(key, -self.sizes[key][0])
+        self.sizes.pop(key)
 
     def host(self, tensors, on_host=True):
         for t in tensors:
@@ -81,17 +96,55 @@ class Tracker(TorchDispatchMode):
                 self._add(t)
             if on_host and key not in self.hosted:
                 self.hosted.add(key)
-                self.live -= self.sizes[key]
+                self._count(key, -self.sizes[key][0])
             elif not on_host and key in self.hosted:
                 self.hosted.discard(key)
-                self.live += self.sizes[key]
-                self.peak = max(self.peak, self.live)
+                self._count(key, self.sizes[key][0])
 
     def reset_peak(self):
-        self.peak = self.live
+        self.peak, self.at_peak, self.where = self.live, dict(self.by_tag), self.tag
+
+    @contextlib.contextmanager
+    def tagged(self, tag):
+        old, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = old
+
+    def breakdown(self):
+        """'GiB by label at the peak' as one line, largest first."""
+        parts = sorted(((v, k) for k, v in self.at_peak.items() if v), reverse=True)
+        return f"peak in {self.where}: " + ", ".join(f"{k} {v / GiB:.2f}" for v, k in parts)
+
+    def shard(self, groups, ranks, window=2):
+        """Model FSDP2 per rank (fully_shard per block, reshard after forward and backward; not FSDP2's code,
+        which needs a process group): each group's parameters (one DiT block's) count as a 1/ranks shard, and as
+        a whole (the all-gathered copy) from the first op that reads one of them until `window` groups later -
+        the block running and the one FSDP2 prefetches, in forward, in checkpointing's recompute and in backward."""
+        self.owner, self.members, self.gathered, self.window = {}, [], [], window
+        for i, params in enumerate(groups):
+            self.host(params)
+            self.members.append(params)
+            for p in params:
+                self.owner[p.untyped_storage()._cdata] = i
+        with self.tagged("fsdp shards"):
+            n = sum(p.untyped_storage().nbytes() for g in groups for p in g)
+            self.shards = torch.empty(-(-n // ranks), dtype=torch.uint8)  # this rank's shards, flat
+
+    def _gather(self, args, kwargs):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and (i := self.owner.get(t.untyped_storage()._cdata)) is not None \
+                    and i not in self.gathered:
+                self.gathered.append(i)
+                self.host(self.members[i], on_host=False)  # counted under their own label, "weights"
+                if len(self.gathered) > self.window:
+                    self.host(self.members[self.gathered.pop(0)])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(self, "owner", None):
+            self._gather(args, kwargs)
         out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         for t in outs:
@@ -207,10 +260,12 @@ def sizes(dit, vae):
 # ---------------------------------------------------------------------------------------------------------
 # sample.py
 
-def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16):
+def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16, fp8=False):
     """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them."""
     with fake() as (_, tr):
         dit, vae, t5, sched = load_models(mdir, dtype)
+        if fp8:  # as sample.load
+            linear.store_fp8(dit)
         v2l = hypernet.Video2LoRA(dit).eval() if ref else None  # fp32, stays on the device (sample.load)
         peaks = {}
         frozen = [dit, vae, t5]
@@ -222,7 +277,9 @@ def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=t
                     for m in frozen:
                         tr.host(list(m.parameters()) + list(m.buffers()), m is not module)
                 tr.reset_peak()
-                with super()._stage(name, module):
+                # the moves are the host() calls above; module.to on fake CPU tensors would move nothing (and
+                # cannot swap float8 parameters that the tracker watches)
+                with super()._stage(name, None if self.offload else module):
                     yield
                 peaks[name] = max(peaks.get(name, 0), tr.peak)
 
@@ -247,19 +304,30 @@ def train_args(mdir, *flags):
     return train.p.parse_args(["--model", str(mdir), "--data", "-", "--out", "-", *flags])
 
 
-def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
+def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16, breakdown=None, ranks=8):
     """[peak GiB of each step] of train.py's step with these command-line flags: batch_inputs, step_loss,
-    backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does."""
+    backward, gradient clipping, AdamW; the frozen models and the Video2LoRA set up as train.main does. A list
+    given as `breakdown` gets each step's Tracker.breakdown() (bytes at the peak by the phase that made them).
+    With --fsdp: one rank's peak out of `ranks` (the DiT's blocks sharded as Tracker.shard models it)."""
     args = train_args(mdir, *flags)
     cache = args.cache is not None
     with fake() as (_, tr):
         dit, vae, t5, sched = load_models(mdir, dtype, t5=True)
+        if args.fp8_storage:  # as train.main, right after loading
+            linear.store_fp8(dit)
         hcfg = hypernet.presets[args.hypernet]
-        v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32 already
+        with tr.tagged("video2lora"):
+            v2l = hypernet.Video2LoRA(dit, hcfg, a=args.a, b=args.b, r=args.r, layers=args.layers).train()  # fp32
+        hooks = [m.register_forward_pre_hook(lambda *_, tag=tag: setattr(tr, "tag", tag))
+                 for m, tag in ((v2l, "hypernet"), (dit, "dit"))]
         names = train.param_names(v2l)
-        train.wrap(dit, args, dtype, v2l)
+        train.wrap(dit, argparse.Namespace(**dict(vars(args), fsdp=False)), dtype, v2l)
+        if args.fsdp:  # train.wrap's fully_shard per block, modelled (Tracker.shard); DDP's gradient buckets
+            tr.shard([list(b.parameters()) for b in dit.transformer_blocks], ranks)
+            with tr.tagged("ddp buckets"):  # DistributedDataParallel(gradient_as_bucket_view=False) allocates
+                buckets = torch.empty(sum(p.numel() for p in v2l.parameters()))  # one fp32 copy of the grads
         opt = train.optimizer(v2l, names, args)
-        A = sample.alphas_cumprod(sched).float()
+        A = diffusion.alphas_cumprod(sched).float()
         memo = {}
 
         def embed(caption):  # train.main's embed without a cache: T5 once per caption, kept on the host
@@ -271,7 +339,7 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
         empty = torch.empty(226, dit.config.text_embed_dim, dtype=dtype) if cache else embed("")
         if not args.eval_every:  # train.main embeds every caption up front, then drops T5
             tr.host(list(t5.parameters()) + list(t5.buffers()))
-        batch_inputs = train.batch_fn(args, vae, dit.config, A, "cache" if cache else None, embed, empty, "cpu",
+        batch_inputs = diffusion.batch_fn(args, vae, dit.config, A, "cache" if cache else None, embed, empty, "cpu",
                                       dtype)
         F_, H, W = sizes(dit, vae)
         C, s = vae.config.latent_channels, vae.spatial_compression
@@ -289,13 +357,20 @@ def train_peaks(mdir, flags=(), steps=2, batch=1, dtype=torch.bfloat16):
                          for i in range(batch)]
             tr.host([t for it in items for t in tree_flatten(it)[0] if isinstance(t, torch.Tensor)])
             tr.reset_peak()
+            tr.tag = "inputs"
             loss = train.step_loss(v2l, dit, batch_inputs(items), amp)  # as train.main's loop
+            tr.tag = "backward"
             loss.backward()
+            tr.tag = "clip+adamw"
             torch.nn.utils.clip_grad_norm_(v2l.parameters(), args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             del loss, items
             peaks.append(tr.peak / GiB)
+            if breakdown is not None:
+                breakdown.append(tr.breakdown())
+        for h in hooks:
+            h.remove()
     return peaks
 
 
@@ -340,14 +415,13 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
             m = CogVideoXTransformer3DModel.from_config(tcfg)
             if lora:  # on meta: peft's module swaps cannot swap fake tensors
                 m.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        lo = {n for n, p in m.named_parameters() if p.requires_grad}
+        # The adapters take the base layer's dtype, bf16: diffusers' add_adapter calls peft's
+        # inject_adapter_in_model, whose LoraLayer.update_layer moves each adapter to its base layer's device and
+        # dtype (peft/tuners/tuners_utils.py _move_adapter_to_device_of_base_layer; it skips meta layers, hence
+        # the cast here). Only PeftModel upcasts adapters to fp32 (autocast_adapter_dtype), not this path.
         m = materialise(m, dtype).eval().requires_grad_(False)
-        for n, p in list(m.named_parameters()):
-            if n in lo:  # peft keeps adapters of a bf16 model in fp32 (autocast_adapter_dtype=True)
-                mod, k = m.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]
-                mod._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32))
-            else:
-                p.requires_grad_(False)
+        for n, p in m.named_parameters():
+            p.requires_grad_(".lora_" in n)
         return m
 
     def inputs(b):
@@ -396,7 +470,10 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
 TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
               ("--cache (no checkpointing)", ("--no-checkpointing", "--cache", "-")),
               ("--checkpointing, no cache", ("--checkpointing",)),
-              ("no checkpointing, no cache", ("--no-checkpointing",))]
+              ("no checkpointing, no cache", ("--no-checkpointing",)),
+              ("--checkpointing --cache --fp8-storage", ("--checkpointing", "--cache", "-", "--fp8-storage")),
+              ("--checkpointing --cache --fsdp, per rank of 8 (modelled)", ("--checkpointing", "--cache", "-",
+                                                                            "--fsdp"))]
 
 
 def main(argv=None):
@@ -404,7 +481,8 @@ def main(argv=None):
     p.add_argument("--model", default=str(OFFICIAL), help="model folder (config.json files are enough)")
     p.add_argument("--only", choices=("sample", "train", "flops"))
     p.add_argument("--steps", type=int, default=2, help="denoising steps run (the peak is per step)")
-    p.add_argument("--row", type=int, help="one train row (0-3), to run them in parallel")
+    p.add_argument("--row", type=int, choices=range(len(TRAIN_ROWS)), metavar=f"0-{len(TRAIN_ROWS) - 1}",
+                   help="one train row")
     p.add_argument("--diffusers", action="store_true", help="dev: diffusers' modules instead of ours")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -420,17 +498,21 @@ def main(argv=None):
         print(f"DiT forward, CFG batch 2 + LoRA: {tf:.1f} TFLOP, {gb:.1f} GB moved, peak {pk:.2f} GiB\n", flush=True)
     if args.only in (None, "sample"):
         print("| sample.py | text | image encode | denoise | decode | ref->lora |\n|---|---|---|---|---|---|")
-        for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae")):
-            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps)
+        for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae"),
+                      ("--offload", "--tile-vae", "--fp8-storage")):
+            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps,
+                              fp8="--fp8-storage" in flags)
             print(f"| {' '.join(flags) or '(default)'} | " + " | ".join(
                 f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) + " |", flush=True)
         print()
     if args.only in (None, "train"):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
         for i, (label, flags) in enumerate(TRAIN_ROWS):
-            if args.row is None or args.row == i:  # step 2 adds AdamW's state: run it for the first row only
-                pk = train_peaks(args.model, flags, steps=2 if i == 0 else 1) + ["-"]
+            if args.row is None or args.row == i:  # step 2 adds AdamW's state: rows 0, 4, 5
+                where = []
+                pk = train_peaks(args.model, flags, steps=2 if i in (0, 4, 5) else 1, breakdown=where) + ["-"]
                 print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
+                print("  " + where[-1], file=sys.stderr, flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")
 
 

@@ -1,15 +1,13 @@
 """Video2LoRA hypernetwork (paper §3.3): reference-video latents -> each adapted layer's LightLoRA
-factors A_pred [r, a], B_pred [b, r].
+factors A_pred [r, a], B_pred [b, r]. Tests: tests/test_lora.py
 
-Reference latents come in the DiT layout B F C H W (VAE mean or sample x scaling_factor; the encode
-is the caller's, so it can be cached). Patchified like the DiT, projected and given a fixed 3-D
-sin-cos position, they become video tokens. As in the paper's Fig. 2, one learned weight token per
-adapted layer joins them and the joint sequence runs through a small pre-LN transformer `iters`
-times with shared weights, each pass adding a residual update to the weight tokens' state (eq. 4,
-state_0 = 0). Joint attention lets video tokens match content across frames and so read where it
-moved (a pan), which weight tokens pooling the video tokens one by one cannot. A head maps each
-weight token to its factors. Video2LoRA = hypernet + LightLoRA aux factors, the whole trainable
-part, with its save/load. Tests: tests/test_lora.py
+Reference latents (DiT layout B F C H W, VAE mean or sample x scaling_factor; the caller encodes,
+so they can be cached) are patchified like the DiT into video tokens with a fixed 3-D sin-cos
+position. As in the paper's Fig. 2, one learned weight token per adapted layer joins them, and a
+small pre-LN transformer runs on the joint sequence `iters` times with shared weights, each pass
+adding a residual update to the weight tokens' state (eq. 4, state_0 = 0). Joint attention lets
+video tokens match content across frames (where did it move?), which pooling them one by one
+cannot. A head maps each weight token to its factors. Video2LoRA = hypernet + aux factors.
 """
 import json
 import re
@@ -124,11 +122,10 @@ class HyperNet(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         # The zero-init, argued here once: only head_B is zero, so B_pred = 0, dW = 0 exactly and
-        # the DiT starts bit-identical to its base. Step 1 then gives only head_B a gradient, as any
-        # exact dW = 0 would: the aux factors see M = B_pred A_pred = 0, and for r = 1 that needs a
-        # zero factor, which zeroes the other's gradient and the trunk's (as in plain LoRA). From
-        # step 2 all have one (tests/test_lora.py). ||A_pred|| ~ sqrt(r): the LoRA's norm is
-        # scale * ||B_pred||.
+        # the DiT starts bit-identical to its base. Step 1 then gives only head_B a gradient, as
+        # any exact dW = 0 would (for r = 1, B_pred A_pred = 0 needs a zero factor, zeroing the
+        # other's and the trunk's gradients, as in plain LoRA); from step 2 all have one (see
+        # tests/test_lora.py). ||A_pred|| ~ sqrt(r), so the LoRA's norm is scale * ||B_pred||.
         nn.init.normal_(self.weight_tokens, std=0.02)
         nn.init.normal_(self.head_A.weight, std=(self.cfg.width * self.a) ** -0.5)
         nn.init.zeros_(self.head_A.bias)

@@ -1,6 +1,6 @@
-"""What train.py, sample.py and cache.py share: their argparse style (one-line errors, checked numbers), the
-checks of their common arguments (--device, --model, the video size, output paths), what a model folder is
-(its native size, the fingerprint cache.py records) and the one atomic write every file writer goes through.
+"""What train.py, sample.py and cache.py share: argparse style (one-line errors, checked numbers),
+checks of common arguments (--device, --model, video size, output paths), what a model folder is
+(native size, the fingerprint cache.py records) and the one atomic write all file writers use.
 """
 import argparse
 import hashlib
@@ -17,7 +17,7 @@ import model
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The --help of the three scripts: the module docstring (its example commands) as the description, and
+    """The scripts' --help: the module docstring (its example commands) as the description, and
     each flag's default after its help unless the default is unset (the help says what then)."""
 
     def _get_help_string(self, action):
@@ -28,8 +28,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line and exit status 2, like every other user error of the scripts
-    (argparse's own prints the whole usage block first)."""
+    """argparse with its errors on one line and exit status 2, like every other user error of the
+    scripts (argparse's own prints the whole usage block first)."""
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def exit_status(fn, *args, errors=()):
-    """fn(*args) -> 0; a user's mistake (OSError, ValueError, `errors`) -> 2 after one line on stderr."""
+    """fn(*args) -> 0; a user's mistake (OSError, ValueError, `errors`) -> 2, one line on stderr."""
     try:
         return fn(*args) or 0
     except (OSError, ValueError, *errors) as e:
@@ -50,8 +50,8 @@ def error_line(e):
 
 
 def number(typ=int, lo=None, hi=None):
-    """argparse type: a finite int/float in [lo, hi] (float("nan") parses, and `nan > 1` is False: --guidance
-    nan would silently turn guidance off)."""
+    """argparse type: a finite int/float in [lo, hi] (float("nan") parses, and `nan > 1` is False:
+    --guidance nan would silently turn guidance off)."""
     def parse(s):
         try:
             x = typ(s)
@@ -66,18 +66,19 @@ def number(typ=int, lo=None, hi=None):
 
 
 def weighted(s):
-    """"file" or "file:0.5" (a weight for blending with the other references and LoRA files) -> (path, w)."""
+    """"file" or "file:0.5" (a weight for blending with other references and LoRAs) -> (path, w)."""
     path, _, w = s.rpartition(":")
     if not path or Path(s).exists() or not Path(path).exists():
         return s, 1.0
     try:
         return path, number(float, 1e-12)(w)
     except argparse.ArgumentTypeError:
-        raise ValueError(f"{s}: the weight after ':' must be a finite number > 0, got {w!r}") from None
+        msg = f"{s}: the weight after ':' must be a finite number > 0, got {w!r}"
+        raise ValueError(msg) from None
 
 
 def check_device(name):
-    """-> the torch device for --device (default: cuda when there is one); ValueError naming what exists."""
+    """-> the torch device for --device (default: cuda if there is one); ValueError lists those."""
     try:
         dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -90,14 +91,16 @@ def check_device(name):
 
 
 def check_model_dir(d, option="--model"):
-    """FileNotFoundError unless `d` has an I2V folder's parts: fail before a minute is spent on 5B weights."""
+    """FileNotFoundError unless `d` has an I2V folder's parts: before a minute on 5B weights."""
     if not Path(d).is_dir():
-        raise FileNotFoundError(f"no model at {d}/: pass {option} the folder of a CogVideoX I2V model")
-    for sub in ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-                "scheduler/scheduler_config.json"):
+        raise FileNotFoundError(f"no model at {d}/: pass {option} the folder of a CogVideoX I2V "
+                                "model")
+    parts = ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+             "scheduler/scheduler_config.json")
+    for sub in parts:
         if not (Path(d) / sub).exists():
-            raise FileNotFoundError(f"{option} {d}: not a CogVideoX I2V folder (no {sub}; expected the layout "
-                                    f"of THUDM/CogVideoX-5b-I2V)")
+            raise FileNotFoundError(f"{option} {d}: not a CogVideoX I2V folder (no {sub}; expected "
+                                    "the layout of THUDM/CogVideoX-5b-I2V)")
 
 
 def model_sizes(model_dir):
@@ -105,38 +108,45 @@ def model_sizes(model_dir):
     cfg = model.read_config(Path(model_dir) / "transformer")
     vcfg = model.read_config(Path(model_dir) / "vae")
     s = 2 ** (len(vcfg.get("block_out_channels", (128, 256, 256, 512))) - 1)
-    return cfg.get("sample_frames", 49), cfg.get("sample_height", 60) * s, cfg.get("sample_width", 90) * s
+    h, w = cfg.get("sample_height", 60) * s, cfg.get("sample_width", 90) * s
+    return cfg.get("sample_frames", 49), h, w
 
 
 def video_size(cfg, native, frames=None, height=None, width=None, step=8):
-    """(frames, height, width) a DiT config `cfg` can take, the native (frames, height, width) for what is not
-    given; ValueError otherwise. Frames are step*k+1: sample.py decodes 8k+1 (the VAE's 9-frame chunk, then
-    8-frame ones); training encodes 4k+1."""
+    """(frames, height, width) a DiT config `cfg` can take, the native ones for what is not given;
+    ValueError otherwise. Frames are step*k+1: sample.py decodes 8k+1 (the VAE's 9-frame chunk,
+    then 8-frame ones); training encodes 4k+1."""
     frames, height, width = frames or native[0], height or native[1], width or native[2]
     size = "x".join(map(str, (frames, height, width)))
     if frames < 1 or (frames - 1) % step:
-        raise ValueError(f"frames must be {step}k+1 (1, {step + 1}, {2 * step + 1}, ...), got {frames}")
+        raise ValueError(f"frames must be {step}k+1 (1, {step + 1}, {2 * step + 1}, ...), "
+                         f"got {frames}")
     if height <= 0 or width <= 0 or height % 16 or width % 16:
         bad = width if 0 < height and height % 16 == 0 else height
-        raise ValueError(f"height and width must be multiples of 16 (VAE /8, 2x2 patches), got {height}x{width}: "
-                         f"instead of {bad}, a multiple of 16 such as {max(16, bad // 16 * 16)}")
+        raise ValueError(f"height and width must be multiples of 16 (VAE /8, 2x2 patches), got "
+                         f"{height}x{width}: instead of {bad}, a multiple of 16 such as "
+                         f"{max(16, bad // 16 * 16)}")
     if cfg.use_learned_positional_embeddings and (frames, height, width) != native:
-        raise ValueError(f"this model's learned positional embedding only takes {'x'.join(map(str, native))} "
-                         f"(frames x height x width), got {size}: the model takes only its own size")
+        own = "x".join(map(str, native))
+        raise ValueError(f"this model's learned positional embedding only takes {own} "
+                         f"(frames x height x width), got {size}: the model takes only its own "
+                         "size")
     if cfg.patch_size_t and (height > native[1] or width > native[2]):  # 1.5: the RoPE table's size
-        raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position grid")
+        raise ValueError(f"{height}x{width} exceeds this model's {native[1]}x{native[2]} position "
+                         "grid")
     return frames, height, width
 
 
 def model_size(model_dir, frames=None, height=None, width=None, step=8):
-    """video_size for the model in a folder (its configs) -> ((frames, height, width), native size)."""
-    cfg, native = model.DiTConfig.from_dict(model.read_config(Path(model_dir) / "transformer")), model_sizes(model_dir)
+    """video_size for the model in a folder -> ((frames, height, width), native size)."""
+    cfg = model.DiTConfig.from_dict(model.read_config(Path(model_dir) / "transformer"))
+    native = model_sizes(model_dir)
     return video_size(cfg, native, frames, height, width, step), native
 
 
 def check_outputs(*outs):
-    """(option, file or None) of files to write: OSError/ValueError before any work for a folder, a missing
-    folder, an unwritable place, or two options naming the same file."""
+    """(option, file or None) of files to write: OSError/ValueError before any work for a folder,
+    a missing folder, an unwritable place, or two options naming the same file."""
     outs = [(option, f) for option, f in outs if f]
     for option, f in outs:
         if Path(f).is_dir():
@@ -156,7 +166,7 @@ def check_out_dir(path, option):
 
 
 def check_writable(path, option):
-    """OSError unless `path` could be created (or replaced) by us: not a folder, and its nearest existing
+    """OSError unless we could create (or replace) `path`: not a folder, and its nearest existing
     folder is writable. Run before any work, so a bad output path costs nothing."""
     path = Path(os.path.abspath(path))
     parent = next(p for p in path.parents if p.exists())
@@ -167,9 +177,9 @@ def check_writable(path, option):
 
 
 def fingerprint(folder):
-    """sha256 of a model folder's files: json/model files whole; for a weight file its size, its safetensors
-    header (names, dtypes, shapes, offsets) and 16 evenly spaced 64 KiB pieces of its data. Another or retrained
-    model changes it, and it reads ~1 MB per file where hashing T5-XXL whole would read 9.5 GB."""
+    """sha256 of a model folder's files: json/model files whole; for a weight file its size, its
+    safetensors header (names, dtypes, shapes, offsets) and 16 evenly spaced 64 KiB pieces of its
+    data. Another or retrained model changes it; ~1 MB read per file, not T5-XXL's 9.5 GB."""
     h = hashlib.sha256()
     for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
         h.update(f.name.encode())
@@ -178,7 +188,7 @@ def fingerprint(folder):
             if f.suffix != ".safetensors" or size < 2 ** 21:
                 h.update(fh.read())
                 continue
-            n = int.from_bytes(fh.read(8), "little")  # safetensors: 8-byte header length, JSON header, data
+            n = int.from_bytes(fh.read(8), "little")  # 8-byte header length, JSON header, data
             h.update(str(size).encode() + fh.read(n))
             for i in range(16):
                 fh.seek(8 + n + (size - 8 - n - 65536) * i // 15)
@@ -187,23 +197,24 @@ def fingerprint(folder):
 
 
 def depends(model_dir):
-    """What cache.py's tensors are a function of: {"vae": ..., "text": ...} (configs + weight fingerprints)."""
+    """What cache.py's tensors are a function of: {"vae", "text"}: configs, weight fingerprints."""
     d = Path(model_dir)
     part = lambda sub: dict(config=model.read_config(d / sub), weights=fingerprint(d / sub))
-    return dict(vae=part("vae"), text=dict(part("text_encoder"), tokenizer=fingerprint(d / "tokenizer")))
+    text = dict(part("text_encoder"), tokenizer=fingerprint(d / "tokenizer"))
+    return dict(vae=part("vae"), text=text)
 
 
 @contextmanager
 def atomic(path):
-    """Yields a temporary path beside `path` (same suffix, for writers that pick the format by it) and renames
-    it over `path` once written: readers never see half a file, and a crash keeps the old one. Named per
-    process, so two writers never share it; made 0666 & ~umask (safetensors creates 0600 files)."""
+    """Yields a temporary path beside `path` (same suffix, for writers that pick the format by it)
+    and renames it over `path` once written: readers never see half a file, a crash keeps the old
+    one. Named per process, so no two writers share it; made 0666 & ~umask (safetensors: 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        umask = os.umask(0o022)  # reading it means setting it (no threads write here); put it back at once
+        umask = os.umask(0o022)  # reading it means setting it (no threads here); put back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
@@ -213,4 +224,5 @@ def atomic(path):
 
 def save_safetensors(path, tensors, metadata):
     with atomic(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        sd = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(sd, str(tmp), metadata=metadata)

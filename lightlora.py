@@ -1,7 +1,6 @@
-"""LightLoRA (Video2LoRA paper §3.2): per-video adapters dW = B_aux·B_pred·A_pred·A_aux for the DiT's frozen
-linears (A_aux [a, d_in], B_aux [d_out, b] shared, fp32; A_pred [r, a], B_pred [b, r] from the hypernetwork). `fold`
-makes DiT.forward's `lora=` {name: (down [B, d_in, r], up [B, r, d_out])}; also merge, blend, export, a native file.
-"""
+"""LightLoRA (Video2LoRA paper §3.2): per-video dW = B_aux·B_pred·A_pred·A_aux for the DiT's
+frozen linears. A_aux [a, d_in], B_aux [d_out, b]: shared, fp32; A_pred [r, a], B_pred [b, r]:
+from the hypernet. `fold` makes DiT.forward's `lora=` {name: (down [B,d_in,r], up [B,r,d_out])}."""
 import copy
 import json
 from pathlib import Path
@@ -14,37 +13,37 @@ import common
 from model import ATTN_LINEARS
 
 
-
 def adapted_linears(dit, layers="attn"):
-    """[(name, d_out, d_in)] of the linears inside transformer_blocks, in module order (= weight-token order)."""
+    """[(name, d_out, d_in)] of transformer_blocks' linears, in module (= weight token) order."""
     if layers not in ("attn", "all"):
         raise ValueError(f"layers must be 'attn' or 'all', got {layers!r}")
-    out = [(n, m.out_features, m.in_features) for n, m in dit.named_modules() if isinstance(m, nn.Linear)
-           and n.startswith("transformer_blocks.") and (layers == "all" or n.endswith(ATTN_LINEARS))]
+    out = [(n, m.out_features, m.in_features) for n, m in dit.named_modules()
+           if isinstance(m, nn.Linear) and n.startswith("transformer_blocks.")
+           and (layers == "all" or n.endswith(ATTN_LINEARS))]
     if not out:
         raise ValueError(f"the DiT has no linear layers to adapt for layers={layers!r}")
     return out
 
 
 def orthogonal(n, rows, cols):
-    """n random [rows, cols] with orthonormal rows (rows <= cols) or columns. Cholesky-QR (Q = X R^-1, R^T R =
-    X^T X): exact to ~1e-6 for a Gaussian tall X, ~6x faster than torch.linalg.qr on CPU (77 M params at 5B)."""
+    """n random [rows, cols], orthonormal rows (rows <= cols) or columns. Cholesky-QR (Q = X R^-1):
+    exact to ~1e-6 for a Gaussian X, ~6x faster than torch.linalg.qr on CPU (77 M params at 5B)."""
     x = torch.randn(n, max(rows, cols), min(rows, cols))
-    q = torch.linalg.solve_triangular(torch.linalg.cholesky(x.mT @ x, upper=True), x, upper=True, left=False)
+    R = torch.linalg.cholesky(x.mT @ x, upper=True)  # R^T R = X^T X
+    q = torch.linalg.solve_triangular(R, x, upper=True, left=False)
     return (q if rows > cols else q.mT).contiguous()  # LAPACK returns column-major
 
 
 class LightLoRA(nn.Module):
-    """Aux factors stacked per distinct (d_out, d_in): `A_aux.{d_out}x{d_in}` [n, a, d_in], `B_aux.…` [n, d_out,
-    b]: one einsum folds every layer of a shape. They are exactly orthonormal, so ||down|| = ||A_pred|| and ||up||
-    = scale·||B_pred||: the hypernet's outputs, and its head init alone, set the LoRA's size (hypernet.py)."""
+    """Aux factors stacked per (d_out, d_in), `A_aux.{o}x{i}` [n, a, d_in] and `B_aux.{o}x{i}`
+    [n, d_out, b], so one einsum folds all layers of a shape. Orthonormal: ||down|| = ||A_pred||,
+    ||up|| = scale ||B_pred||, so the hypernet's outputs alone set the LoRA's size."""
 
     def __init__(self, dit, a=100, b=50, r=1, layers="attn", scale=1.0):
         super().__init__()
         self.a, self.b, self.r, self.layers, self.scale = a, b, r, layers, scale
         linears = adapted_linears(dit, layers)
-        self.names = [n for n, _, _ in linears]
-        self.shapes = [(o, i) for _, o, i in linears]
+        self.names, self.shapes = [n for n, _, _ in linears], [(o, i) for _, o, i in linears]
         self.n_layers = len(self.names)
         self.A_aux, self.B_aux, self.groups = nn.ParameterDict(), nn.ParameterDict(), {}
         for o, i in dict.fromkeys(self.shapes):
@@ -52,45 +51,46 @@ class LightLoRA(nn.Module):
             self.groups[key] = [self.names[j] for j in idx]
             self.A_aux[key] = nn.Parameter(orthogonal(len(idx), a, i))
             self.B_aux[key] = nn.Parameter(orthogonal(len(idx), o, b))
-            # explicit device: stays real when the module is built on "meta" to be loaded with assign=True
+            # on cpu: stays real when built on "meta" (load() with assign=True)
             self.register_buffer("idx_" + key, torch.tensor(idx, device="cpu"), persistent=False)
 
     def count(self):
-        return dict(layers=self.n_layers, predicted_per_video=self.n_layers * (self.a + self.b) * self.r,
-                    aux=sum(p.numel() for p in self.parameters()))
+        per_video = self.n_layers * (self.a + self.b) * self.r
+        aux = sum(p.numel() for p in self.parameters())
+        return dict(layers=self.n_layers, predicted_per_video=per_video, aux=aux)
 
     def extra_repr(self):
         c, n = self.count(), self.count()["predicted_per_video"]
-        return (f"{c['layers']} layers ({self.layers}), a={self.a} b={self.b} r={self.r}: {n:,} predicted "
-                f"values/video ({n * 2 / 1e3:.1f} KB bf16), {c['aux']:,} aux params")
+        return (f"{c['layers']} layers ({self.layers}), a={self.a} b={self.b} r={self.r}: {n:,} "
+                f"predicted values/video ({n * 2 / 1e3:.1f} KB bf16), {c['aux']:,} aux params")
 
     def fold(self, A_pred, B_pred, scale=None):
-        """A_pred [B, L, r, a], B_pred [B, L, b, r] -> {name: (down [B, d_in, r], up [B, r, d_out])} in fp32.
-        The small factors are folded into the aux ones first; dW itself is never formed."""
-        scale, L = self.scale if scale is None else scale, self.n_layers
-        if A_pred.shape[1:] != (L, self.r, self.a) or B_pred.shape[1:] != (L, self.b, self.r):
-            raise ValueError(f"fold wants A_pred [B, {L}, {self.r}, {self.a}] and B_pred [B, {L}, {self.b}, {self.r}]; "
-                             f"got {tuple(A_pred.shape)} and {tuple(B_pred.shape)}")
+        """A_pred [B,L,r,a], B_pred [B,L,b,r] -> {name: (down [B,d_in,r], up [B,r,d_out])} in fp32:
+        down = (A_pred A_aux)^T, up = scale (B_aux B_pred)^T; dW itself is never formed."""
+        scale, L, r = self.scale if scale is None else scale, self.n_layers, self.r
+        if A_pred.shape[1:] != (L, r, self.a) or B_pred.shape[1:] != (L, self.b, r):
+            raise ValueError(f"fold wants A_pred [B, {L}, {r}, {self.a}] and B_pred [B, {L}, "
+                             f"{self.b}, {r}]; got {tuple(A_pred.shape)} and {tuple(B_pred.shape)}")
         out = {}
         for key, names in self.groups.items():
             idx, A_aux, B_aux = getattr(self, "idx_" + key), self.A_aux[key], self.B_aux[key]
             ap, bp = A_pred.index_select(1, idx), B_pred.index_select(1, idx)
-            down = torch.einsum("nlra,lai->nlir", ap.to(A_aux.dtype), A_aux)  # (A_pred A_aux)^T
-            up = torch.einsum("lok,nlkr->nlro", B_aux, bp.to(B_aux.dtype)) * scale  # (scale B_aux B_pred)^T
+            down = torch.einsum("nlra,lai->nlir", ap.to(A_aux.dtype), A_aux)
+            up = torch.einsum("lok,nlkr->nlro", B_aux, bp.to(B_aux.dtype)) * scale
             out.update({n: (down[:, j], up[:, j]) for j, n in enumerate(names)})
         return {n: out[n] for n in self.names}
 
 
 def _one(lora, what):
-    for name, (down, up) in lora.items():
+    for n, (down, up) in lora.items():
         if down.shape[0] != 1 or up.shape[0] != 1:
-            raise ValueError(f"{what} takes one LoRA (batch 1); {name} has down {tuple(down.shape)}")
+            raise ValueError(f"{what} takes one LoRA (batch 1); {n} has down {tuple(down.shape)}")
     return lora
 
 
 @torch.no_grad()
 def merge(dit, lora, inplace=False):
-    """A DiT (a deep copy unless inplace) whose adapted weights are W + (down @ up)^T, summed in fp32."""
+    """A DiT (a deep copy unless inplace) with adapted weights W + (down @ up)^T, summed in fp32."""
     dit = dit if inplace else copy.deepcopy(dit)
     mods = dict(dit.named_modules())
     for name, (down, up) in _one(lora, "merge").items():
@@ -102,9 +102,8 @@ def merge(dit, lora, inplace=False):
 
 
 def export_diffusers(path, lora, dtype=None):
-    """Standard rank-r LoRA for diffusers (CogVideoXLoraLoaderMixin.load_lora_weights / load_lora_adapter):
-    `transformer.{name}.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r]. No alpha is written, so
-    diffusers sets lora_alpha = r and peft's scaling alpha/r = 1: the scale already sits in lora_B."""
+    """Rank-r LoRA for diffusers' load_lora_weights: `transformer.{name}.lora_A.weight` [r, d_in],
+    `.lora_B.weight` [d_out, r]. No alpha, so peft's scaling is r/r = 1: lora_B holds the scale."""
     sd = {}
     for name, (down, up) in _one(lora, "export").items():
         sd[f"transformer.{name}.lora_A.weight"] = down[0].T.to(dtype or down.dtype)
@@ -113,14 +112,14 @@ def export_diffusers(path, lora, dtype=None):
 
 
 def save_native(path, lora, dtype=torch.float32):
-    """Our own file: the folded (down, up) of each adapted layer (`{name}.down` [B, d_in, r], `{name}.up`
-    [B, r, d_out]) and the layer names in order; self-contained (no aux checkpoint needed to use it)."""
-    sd = {f"{n}.{k}": t.to(dtype) for n, (d, u) in lora.items() for k, t in (("down", d), ("up", u))}
-    common.save_safetensors(path, sd, {"format": "video2lora-lora", "names": json.dumps(list(lora))})
+    """A self-contained file: each layer's folded `{name}.down` [B,d_in,r] and `.up` [B,r,d_out]."""
+    sd = {f"{n}.{k}": t.to(dtype) for n, du in lora.items() for k, t in zip(("down", "up"), du)}
+    meta = {"format": "video2lora-lora", "names": json.dumps(list(lora))}
+    common.save_safetensors(path, sd, meta)
 
 
 def load_native(path, device="cpu", dit=None):
-    """A save_native file -> LoRA dict; with `dit`, checked against its linears (ValueError: another model's)."""
+    """A save_native file -> LoRA dict; with `dit`, ValueError unless it fits that DiT's linears."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     try:
@@ -129,22 +128,22 @@ def load_native(path, device="cpu", dit=None):
             if meta.get("format") != "video2lora-lora":
                 raise ValueError(f"{path} is not a native video2lora LoRA file (metadata format="
                                  f"{meta.get('format')!r})")
-            lora = {n: (f.get_tensor(n + ".down"), f.get_tensor(n + ".up")) for n in json.loads(meta["names"])}
+            names = json.loads(meta["names"])
+            lora = {n: (f.get_tensor(n + ".down"), f.get_tensor(n + ".up")) for n in names}
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable LoRA file ({e})") from None
     want = {n: (1, i, o) for n, o, i in adapted_linears(dit, "all")} if dit is not None else {}
     for name, (down, up) in lora.items() if want else ():
-        if want.get(name) != (down.shape[0], down.shape[1], up.shape[2]) or up.shape[:2] != (1, down.shape[2]):
-            raise ValueError(f"{path}: {name} (down {tuple(down.shape)}, up {tuple(up.shape)}) does not fit this "
-                             f"model's DiT: the LoRA was made for another model")
+        if want.get(name) != (*down.shape[:2], up.shape[2]) or up.shape[:2] != (1, down.shape[2]):
+            raise ValueError(f"{path}: {name} (down {tuple(down.shape)}, up {tuple(up.shape)}) "
+                             f"does not fit this model's DiT: the LoRA was made for another model")
     return lora
 
 
 def blend(loras):
-    """[(LoRA dict, weight)] -> one LoRA whose effect is sum_i w_i/sum(w) x down_i up_i, exactly: the factors are
-    concatenated along r (averaging folded factors would not be); a layer a LoRA lacks gets nothing from it. One
-    LoRA goes through it too: cat gives the predicted factors (strided views of the fold) a --lora file's layout,
-    so a saved LoRA reproduces the reference's video bit for bit."""
+    """[(LoRA dict, weight)] -> one LoRA with effect sum_i w_i/sum(w) down_i up_i, exactly: factors
+    are concatenated along r; a layer a LoRA lacks gets nothing from it. Run on one LoRA too: cat
+    gives the fold's strided views a --lora file's layout, so a saved LoRA replays bit for bit."""
     total, names = sum(w for _, w in loras), dict.fromkeys(k for l, _ in loras for k in l)
     return {k: (torch.cat([l[k][0] * (w / total) for l, w in loras if k in l], dim=-1),
                 torch.cat([l[k][1] for l, _ in loras if k in l], dim=1)) for k in names}

@@ -31,8 +31,8 @@ DDIM_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction",
                    rescale_betas_zero_snr=True, set_alpha_to_one=True, steps_offset=0,
                    timestep_spacing="trailing", snr_shift_scale=1.0)
-_WORDS = ("the a cat dog runs jumps over lazy quick brown fox video zoom pan rotate blur fade camera "
-          "light red green blue image effect slowly fast melt ripple shatter tiles").split()
+_WORDS = ("the a cat dog runs jumps over lazy quick brown fox video zoom pan rotate blur fade "
+          "camera light red green blue image effect slowly fast melt ripple shatter tiles").split()
 
 
 @torch.no_grad()
@@ -52,10 +52,11 @@ def make_tokenizer_dir(path):
     path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     corpus = path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(2000)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path / "spiece"), vocab_size=60,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
+    lines = (" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(2000))
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path / "spiece"),
+                                   vocab_size=60, model_type="unigram", pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     corpus.unlink()
     (path / "spiece.vocab").unlink()
     (path / "tokenizer_config.json").write_text(json.dumps(

@@ -16,7 +16,7 @@ H, W = 64, 96
 
 
 def ramp(n, h=H, w=W, step=3, offset=10):
-    """Frame i has brightness (offset + step*i)/255 with a dark left eighth, so resizing is visible too."""
+    """Frame i has brightness (offset + step*i)/255 and a dark left eighth, so resizing shows."""
     v = torch.stack([torch.full((3, h, w), (offset + step * i) / 255) for i in range(n)])
     v[..., : w // 8] *= 0.5
     return v
@@ -47,7 +47,8 @@ def test_write_video_roundtrip(tmp_path):
     with av.open(str(p)) as c:
         s = c.streams.video[0]
         frames = list(c.decode(s))
-        assert (s.codec_context.name, s.average_rate, frames[0].format.name) == ("h264", 8, "yuv420p")
+        got = (s.codec_context.name, s.average_rate, frames[0].format.name)
+        assert got == ("h264", 8, "yuv420p")
     assert (len(frames), frames[0].height, frames[0].width) == (20, H, W)
     v = data.read_video(p, frames=20, fps=8, height=H, width=W)
     assert v.shape == (20, 3, H, W) and v.min() >= -1 and v.max() <= 1
@@ -58,28 +59,32 @@ def test_write_video_roundtrip(tmp_path):
     assert (f.height, f.width) == (64, 96)
 
 
+def read(p, frames, fps, **kw):
+    return data.read_video(p, frames=frames, fps=fps, height=H, width=W, **kw)
+
+
 def test_timestamp_sampling(tmp_path):
     p = data.write_video(tmp_path / "a24.mp4", ramp(72), fps=24)  # 3 s at 24 fps
-    table = data.read_video(p, frames=72, fps=24, height=H, width=W).mean((1, 2, 3))
+    table = read(p, 72, 24).mean((1, 2, 3))
     assert table.diff().min() > 0  # every source frame is distinct and decoded in order
-    assert frame_ids(data.read_video(p, frames=24, fps=8, height=H, width=W), table) == list(range(0, 72, 3))
+    assert frame_ids(read(p, 24, 8), table) == list(range(0, 72, 3))
     p8 = data.write_video(tmp_path / "a8.mp4", ramp(20), fps=8)
-    table = data.read_video(p8, frames=20, fps=8, height=H, width=W).mean((1, 2, 3))
-    assert frame_ids(data.read_video(p8, frames=10, fps=4, height=H, width=W), table) == list(range(0, 20, 2))
+    table = read(p8, 20, 8).mean((1, 2, 3))
+    assert frame_ids(read(p8, 10, 4), table) == list(range(0, 20, 2))
     # upsampling in time holds each source frame: 16 fps from 8 fps repeats each frame twice
-    assert frame_ids(data.read_video(p8, frames=40, fps=16, height=H, width=W), table) == [i // 2 for i in range(40)]
+    assert frame_ids(read(p8, 40, 16), table) == [i // 2 for i in range(40)]
     # 20 frames at 24 fps = 0.833 s -> at 8 fps, frames at 0, 1/8, ..., 6/8 s
     p = data.write_video(tmp_path / "b24.mp4", ramp(20), fps=24)
-    table = data.read_video(p, frames=20, fps=24, height=H, width=W).mean((1, 2, 3))
-    assert frame_ids(data.read_video(p, frames=7, fps=8, height=H, width=W), table) == [0, 3, 6, 9, 12, 15, 18]
+    table = read(p, 20, 24).mean((1, 2, 3))
+    assert frame_ids(read(p, 7, 8), table) == [0, 3, 6, 9, 12, 15, 18]
 
 
 def test_start_offset(tmp_path):
-    """read_video(start=s) reads the span from s seconds on (sample.py --ref-start); past the end is an error."""
+    """read_video(start=s) reads from s seconds on (sample.py --ref-start); past the end: error."""
     p = data.write_video(tmp_path / "a8.mp4", ramp(24), fps=8)
-    table = data.read_video(p, frames=24, fps=8, height=H, width=W).mean((1, 2, 3))
-    assert frame_ids(data.read_video(p, frames=9, fps=8, height=H, width=W, start=1.0), table) == list(range(8, 17))
-    assert frame_ids(data.read_video(p, frames=4, fps=4, height=H, width=W, start=0.5), table) == [4, 6, 8, 10]
+    table = read(p, 24, 8).mean((1, 2, 3))
+    assert frame_ids(read(p, 9, 8, start=1.0), table) == list(range(8, 17))
+    assert frame_ids(read(p, 4, 4, start=0.5), table) == [4, 6, 8, 10]
     assert data.duration(p) == pytest.approx(3.0)
     with pytest.raises(data.VideoError, match="starts past its end: 5 s into a 3.00 s video"):
         data.read_video(p, frames=9, fps=8, height=H, width=W, start=5)
@@ -105,15 +110,18 @@ def test_resize_cover_crop(tmp_path):
 
 
 def test_bad_videos(clips_dir, tmp_path):
-    with pytest.raises(data.VideoError, match=r"short\.mp4: too short: .* 3 frames at 8 fps, needs 9"):
+    with pytest.raises(data.VideoError,
+                       match=r"short\.mp4: too short: .* 3 frames at 8 fps, needs 9"):
         data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W)
-    v, n = data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W, allow_short=True)
+    v, n = data.read_video(clips_dir / "pan" / "short.mp4", frames=9, fps=8, height=H, width=W,
+                           allow_short=True)
     assert v.shape[0] == 9 and n == 3 and torch.equal(v[2], v[8])
     with pytest.raises(data.VideoError, match=r"corrupt\.mp4: cannot open"):
         data.read_video(clips_dir / "zoom" / "corrupt.mp4")
     with pytest.raises(data.VideoError, match=r"nope\.mp4: cannot open as a video .*No such file"):
         data.read_video(tmp_path / "nope.mp4")
-    (tmp_path / "t.mp4").write_bytes((clips_dir / "zoom" / "a1.mp4").read_bytes()[:1500])  # truncated
+    truncated = (clips_dir / "zoom" / "a1.mp4").read_bytes()[:1500]
+    (tmp_path / "t.mp4").write_bytes(truncated)
     with pytest.raises(data.VideoError, match=r"t\.mp4"):
         data.read_video(tmp_path / "t.mp4", frames=9, fps=8, height=H, width=W)
 
@@ -123,7 +131,8 @@ def test_layouts(clips_dir):
     assert len(clips) == 8 and {c.category for c in clips} == {"zoom", "pan", "melt"}
     a1 = next(c for c in clips if c.path.endswith("a1.mp4"))
     assert a1.caption == "a zoom video a1" and a1.category == "zoom"
-    rows = [{"video": os.path.relpath(c.path, clips_dir), "caption": c.caption, "category": c.category} for c in clips]
+    rows = [{"video": os.path.relpath(c.path, clips_dir), "caption": c.caption,
+             "category": c.category} for c in clips]
     (clips_dir / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (clips_dir / "m.csv").write_text("video,caption,category\n" + "".join(
         f'{r["video"]},"{r["caption"]}",{r["category"]}\n' for r in rows))
@@ -143,7 +152,7 @@ def test_pairing(clips_dir, caplog):
     assert [r.message for r in caplog.records] == [
         "warning: 1 categories have one clip, its own reference: melt"]
     refs = {e: [data.pair(clips, i, 3, e, ds.groups) for i in range(len(clips))] for e in range(4)}
-    assert refs[0] == [data.pair(clips, i, 3, 0, ds.groups) for i in range(len(clips))]  # reproducible
+    assert refs[0] == [data.pair(clips, i, 3, 0, ds.groups) for i in range(len(clips))]  # pure
     assert len({tuple(r) for r in refs.values()}) > 1  # changes with the epoch
     for r in refs.values():
         for i, j in enumerate(r):
@@ -168,7 +177,8 @@ def test_dataset_skips_bad(clips_dir, tmp_path, caplog):
     lines = (tmp_path / "bad_clips.txt").read_text().splitlines()
     assert len(lines) == 2 and len([r for r in caplog.records if "skipping" in r.message]) == 2
     good = {i for b in batches for i in b["index"].tolist()}
-    assert good <= {i for i, c in enumerate(clips) if os.path.basename(c.path) not in ("corrupt.mp4", "short.mp4")}
+    assert good <= {i for i, c in enumerate(clips)
+                    if os.path.basename(c.path) not in ("corrupt.mp4", "short.mp4")}
 
 
 def _mtimes(folder):
@@ -178,16 +188,18 @@ def _mtimes(folder):
 def test_cache(clips_dir, tiny_model_dir, tmp_path):
     import model
     import vae as vae_mod
-    clips, out, kw = data.scan(clips_dir), tmp_path / "cache", dict(frames=5, fps=8, height=H, width=W, workers=0)
-    cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # an interrupted run: 3 clips done
+    clips, out = data.scan(clips_dir), tmp_path / "cache"
+    kw = dict(frames=5, fps=8, height=H, width=W, workers=0)
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=3, **kw)  # interrupted: 3 done
     first = _mtimes(out / "clips")
     assert len(first) == 3
-    cache_lib.build_cache(tiny_model_dir, clips_dir, out, batch=2, **kw)  # resumes: the 3 done are not redone
+    cache_lib.build_cache(tiny_model_dir, clips_dir, out, batch=2, **kw)  # resumes: 3 not redone
     done = _mtimes(out / "clips")
     assert len(done) == len(clips) and all(done[k] == v for k, v in first.items())
     cache = cache_lib.Cache(out)
     good = [c for c in clips if cache.has(c)]
-    assert sorted(os.path.basename(c.path) for c in clips if c not in good) == ["corrupt.mp4", "short.mp4"]
+    bad = sorted(os.path.basename(c.path) for c in clips if c not in good)
+    assert bad == ["corrupt.mp4", "short.mp4"]
     assert "too short" in cache.why_missing(next(c for c in clips if c.path.endswith("short.mp4")))
     # cached posteriors = VAE.encode(read_video), within bf16 rounding
     vae = vae_mod.load_vae(tiny_model_dir / "vae")
@@ -198,29 +210,33 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
         assert cm.dtype == torch.bfloat16 and cm.shape == m.shape == (4, 2, H // 8, W // 8)
         assert (cm.float() - m).abs().max() <= 1e-2 * m.abs().max()  # bf16 storage
         assert (clv.float() - lv).abs().max() <= 1e-2 * lv.abs().max()
-    tok, t5 = model.Tokenizer(tiny_model_dir / "tokenizer"), model.load_t5(tiny_model_dir / "text_encoder")
+    tok = model.Tokenizer(tiny_model_dir / "tokenizer")
+    t5 = model.load_t5(tiny_model_dir / "text_encoder")
     ref = t5(tok([good[0].caption]))[0]
     assert cache.text(good[0].caption).shape == ref.shape == (226, 32)
     assert (cache.text(good[0].caption).float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert sorted(v["caption"] for v in cache.texts.values()) == sorted({c.caption for c in clips})
     # the dataset serves cached posteriors and text, and skips clips that are bad in the cache
     ds = data.VideoPairs(clips, frames=5, fps=8, height=H, width=W, cache=cache, run_dir=tmp_path)
-    batches = [b for b in torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate) if b is not None]
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate)
+    batches = [b for b in loader if b is not None]
     b = batches[0]
     assert b["video"]["mean"].shape[1:] == (4, 2, H // 8, W // 8) == b["ref"]["logvar"].shape[1:]
     assert b["text"].shape == (len(b["caption"]), 226, 32) and b["text"].dtype == torch.bfloat16
     served = [(i, j) for b in batches for i, j in zip(b["index"].tolist(), b["ref_index"].tolist())]
     assert served and all(cache.has(clips[i]) and cache.has(clips[j]) for i, j in served)
-    i = b["index"][0].item()  # the cached first frame (image condition) is bit-equal to read_video's
+    i = b["index"][0].item()  # the cached first frame (image condition) is read_video's, bit-equal
     assert torch.equal(b["first"][0], data.read_video(clips[i].path, 5, 8, H, W)[0])
     assert sorted(os.path.basename(p) for p in ds.bad_clips()) == ["corrupt.mp4", "short.mp4"]
     # a rewritten clip is stale until re-encoded, and only it is re-encoded
     old = cache.latents(good[0])["mean"]
     data.write_video(good[0].path, ramp(20, offset=100), fps=8)
-    assert not cache_lib.Cache(out).has(good[0]) and "changed" in cache_lib.Cache(out).why_missing(good[0])
+    stale = cache_lib.Cache(out)
+    assert not stale.has(good[0]) and "changed" in stale.why_missing(good[0])
     cache_lib.build_cache(tiny_model_dir, clips_dir, out, **kw)
     again = _mtimes(out / "clips")
-    assert [k for k in done if again[k] != done[k]] == [cache_lib._key(good[0].path) + ".safetensors"]
+    redone = [k for k in done if again[k] != done[k]]
+    assert redone == [cache_lib._key(good[0].path) + ".safetensors"]
     cache = cache_lib.Cache(out)
     assert cache.has(good[0]) and not torch.equal(cache.latents(good[0])["mean"], old)
     # different preprocessing settings re-encode everything
@@ -232,12 +248,13 @@ def test_cache(clips_dir, tiny_model_dir, tmp_path):
 
 
 def test_cache_cli_defaults_and_failure(clips_dir, tiny_model_dir, tmp_path, capsys):
-    """frames/size come from the model as in train.py (the tiny one: 9 frames, 64x96; the old defaults, 49 frames
-    at 480x720, found every clip too short and exited 0); nothing usable cached is an error (status 2)."""
+    """frames/size come from the model as in train.py (tiny: 9 frames, 64x96; the old defaults, 49
+    frames at 480x720, found every clip too short and exited 0); nothing usable cached: status 2."""
     argv = ["--model", str(tiny_model_dir), "--data", str(clips_dir), "--workers", "0"]
     assert cache_lib.main(argv + ["--out", str(tmp_path / "a")]) == 0
     c = cache_lib.Cache(tmp_path / "a")
-    assert {k: c.settings[k] for k in ("frames", "height", "width", "fps")} == dict(frames=9, height=H, width=W, fps=8)
+    settings = {k: c.settings[k] for k in ("frames", "height", "width", "fps")}
+    assert settings == dict(frames=9, height=H, width=W, fps=8)
     assert "6 clips, 2 bad, of 8" in capsys.readouterr().out
     assert cache_lib.main(argv + ["--out", str(tmp_path / "b"), "--frames", "49"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -245,15 +262,16 @@ def test_cache_cli_defaults_and_failure(clips_dir, tiny_model_dir, tmp_path, cap
 
 
 def test_cache_refuses_another_model(clips_dir, tiny_model_dir, tmp_path):
-    """The cache records its VAE's and text encoder's configs and weight fingerprints; a model that differs in
-    either is refused with a message saying which, though frames and size match."""
+    """The cache records its VAE's and text encoder's configs and weight fingerprints; a model that
+    differs in either is refused with a message saying which, though frames and size match."""
     import shutil
     from safetensors.torch import load_file, save_file
     out = tmp_path / "cache"
     cache_lib.build_cache(tiny_model_dir, clips_dir, out, limit=1, workers=0)
     c = cache_lib.Cache(out)
     c.check(tiny_model_dir)
-    for sub, what in (("vae", "another VAE than"), ("text_encoder", "another text encoder/tokenizer")):
+    whats = (("vae", "another VAE than"), ("text_encoder", "another text encoder/tokenizer"))
+    for sub, what in whats:
         other = tmp_path / sub / "model"
         shutil.copytree(tiny_model_dir, other)
         f = next((other / sub).glob("*.safetensors"))

@@ -1,6 +1,7 @@
-"""fast.py: compiled blocks = eager without recompiles, the step cache, and parallel sampling under torchrun (gloo
-on CPU: 2 and 4 processes give the one-process video). As a script this file is the torchrun worker:
-    torchrun --standalone --nproc_per_node 2 tests/test_fast.py MODEL_DIR CKPT OUT.pt [CACHE_THRESHOLD]
+"""fast.py: compiled blocks = eager without recompiles, the step cache, and parallel sampling under
+torchrun (gloo on CPU: 2 and 4 processes give the one-process video). As a script this file is the
+torchrun worker:
+    torchrun --standalone --nproc_per_node 2 tests/test_fast.py MODEL_DIR OUT.pt
 """
 import subprocess
 import sys
@@ -15,20 +16,23 @@ import fast  # noqa: E402
 import model  # noqa: E402
 
 @pytest.fixture(autouse=True)
-def one_thread():  # tiny ops: a second OpenMP thread only adds barriers on a shared CPU (sample.py does the same)
+# tiny ops: a second OpenMP thread only adds barriers on a shared CPU (sample.py does the same)
+def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-TINY = asdict(replace(model.presets["tiny"], use_learned_positional_embeddings=False))  # RoPE only: any latent size
+# RoPE only: any latent size
+TINY = asdict(replace(model.presets["tiny"], use_learned_positional_embeddings=False))
 
 
 def _dit(seed=0, **over):
     from conftest import perturb
     torch.manual_seed(seed)
-    return perturb(model.DiT(model.DiTConfig(**dict(TINY, **over))).eval().requires_grad_(False), seed)
+    dit = model.DiT(model.DiTConfig(**dict(TINY, **over))).eval().requires_grad_(False)
+    return perturb(dit, seed)
 
 
 def _inputs(seed, B=2, F=3, H=8, W=12):
@@ -39,14 +43,15 @@ def _inputs(seed, B=2, F=3, H=8, W=12):
 
 def _lora(dit, seed, r=1):
     g = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(1, m.in_features, r, generator=g) * 0.3, torch.randn(1, r, m.out_features, generator=g))
+    return {n: (torch.randn(1, m.in_features, r, generator=g) * 0.3,
+                torch.randn(1, r, m.out_features, generator=g))
             for n, m in dit.named_modules() if n in dit.lora_names}
 
 
 def test_compiled_blocks_equal_eager_without_recompiles():
-    """One inductor graph for all blocks (LoRA keyed per block by short names), reused across timesteps, LoRA
-    values, prompts (text embeddings) and seeds (latents): the compile counter stays at 1, and dynamo may not
-    recompile. Output = eager within fp32 tolerance."""
+    """One inductor graph for all blocks (LoRA keyed per block by short names), reused across
+    timesteps, LoRA values, prompts (text embeddings) and seeds (latents): the compile counter stays
+    at 1, and dynamo may not recompile. Output = eager within fp32 tolerance."""
     import torch._dynamo as dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     dit = _dit()
@@ -57,7 +62,8 @@ def test_compiled_blocks_equal_eager_without_recompiles():
     got = [dit(*_inputs(0), lora=_lora(dit, 0))]
     with dynamo.config.patch(error_on_recompile=True):
         got += [dit(*_inputs(s), lora=_lora(dit, s)) for s in (1, 2)]
-    assert cnt.frame_count == 1, f"{cnt.frame_count} graphs compiled (want 1 for {len(dit.transformer_blocks)} blocks)"
+    n = len(dit.transformer_blocks)
+    assert cnt.frame_count == 1, f"{cnt.frame_count} graphs compiled (want 1 for {n} blocks)"
     for a, b in zip(got, eager):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
     dynamo.reset()
@@ -65,13 +71,14 @@ def test_compiled_blocks_equal_eager_without_recompiles():
 
 @torch.no_grad()
 def test_step_cache():
-    """A threshold of ~0 never skips (= no cache, bit for bit); a huge one skips every call after the first, which
-    then returns block 0's output plus the other blocks' residual of the last full call."""
+    """A threshold of ~0 never skips (= no cache, bit for bit); a huge one skips every call after
+    the first, which then returns block 0's output plus the other blocks' last full residual."""
     dit = _dit()
     calls = [_inputs(s) for s in range(4)]
     base = [dit(*a) for a in calls]
     cache = fast.StepCache(1e-12)
-    assert all(torch.equal(fast.dit_call(dit, *a, cache=cache), b) for a, b in zip(calls, base)) and cache.skipped == 0
+    same = all(torch.equal(fast.dit_call(dit, *a, cache=cache), b) for a, b in zip(calls, base))
+    assert same and cache.skipped == 0
     cache = fast.StepCache(1e9)
     got = [fast.dit_call(dit, *a, cache=cache) for a in calls]
     assert torch.equal(got[0], base[0]) and (cache.calls, cache.skipped) == (4, 3)
@@ -81,26 +88,29 @@ def test_step_cache():
     rest = fast.run_blocks(dit, v, c, temb, rope, dit.block_loras(None)) - v0
     x, text, t = calls[2]
     v, c, temb, rope = dit.embed(x, text, t)
-    want = dit.unpatchify(dit.head(dit.transformer_blocks[0](v, c, temb, rope)[0] + rest, temb), x.shape)
+    v0 = dit.transformer_blocks[0](v, c, temb, rope)[0]
+    want = dit.unpatchify(dit.head(v0 + rest, temb), x.shape)
     assert torch.allclose(got[2], want, atol=1e-6)
 
 
 def test_split_sizes():
-    assert fast.split_sizes(17550, 4) == [4388, 4388, 4387, 4387] and sum(fast.split_sizes(72, 5)) == 72
+    assert fast.split_sizes(17550, 4) == [4388, 4388, 4387, 4387]
+    assert sum(fast.split_sizes(72, 5)) == 72
 
 
 def _torchrun(n, *args, script=__file__, timeout=300):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            str(script), *map(str, args)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
 
 @pytest.fixture(scope="module")
 def par_model(tiny_model_dir, tmp_path_factory):
-    """The tiny folder with a 4-head RoPE-only DiT (so 4 ranks can split heads, and 48x96 frames give 54 video
-    tokens: uneven shares over 4), and a random hypernetwork for it."""
+    """The tiny folder with a 4-head RoPE-only DiT (so 4 ranks can split heads, and 48x96 frames
+    give 54 video tokens: uneven shares over 4), and a random hypernetwork for it."""
     import shutil
     import hypernet
     from conftest import TINY_DIT_I2V, perturb
@@ -108,9 +118,9 @@ def par_model(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("par") / "model"
     shutil.copytree(tiny_model_dir, d)
     torch.manual_seed(0)
-    perturb(CogVideoXTransformer3DModel(**dict(TINY_DIT_I2V, num_attention_heads=4,
-                                               use_learned_positional_embeddings=False)), 5).save_pretrained(
-        str(d / "transformer"), safe_serialization=True)
+    cfg = dict(TINY_DIT_I2V, num_attention_heads=4, use_learned_positional_embeddings=False)
+    dit = perturb(CogVideoXTransformer3DModel(**cfg), 5)
+    dit.save_pretrained(str(d / "transformer"), safe_serialization=True)
     hypernet.save(d / "hypernet.safetensors",
                   perturb(hypernet.Video2LoRA(model.load_dit(d / "transformer"), "tiny"), 6))
     return d
@@ -123,8 +133,8 @@ def one_process(par_model):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_parallel_equals_one_process(par_model, one_process, tmp_path, n):
-    """CFG parallel x Ulysses (2: CFG 2 x SP 1 and, without CFG, SP 2; 4: CFG 2 x SP 2 and SP 4 with uneven
-    shares), with a blended reference LoRA and with the step cache: the one-process videos within 1e-5."""
+    """CFG parallel x Ulysses (2: CFG 2 x SP 1 and, without CFG, SP 2; 4: CFG 2 x SP 2 and SP 4 with
+    uneven shares), with a blended reference LoRA and the step cache: one process's videos, 1e-5."""
     _torchrun(n, par_model, tmp_path / "par.pt")
     par = torch.load(tmp_path / "par.pt")
     assert par["skipped"] == one_process["skipped"]
@@ -140,26 +150,28 @@ def test_torchrun_cli(par_model, tmp_path):
     from PIL import Image
     from test_sample import _frames, _image, _video
     data.write_video(tmp_path / "ref.mp4", _video(9, 48, 96))
-    Image.fromarray((_image(48, 96).permute(1, 2, 0) * 255).byte().numpy()).save(tmp_path / "img.png")
-    argv = [tmp_path / "ref.mp4", tmp_path / "img.png", "--model", par_model, "--steps", "3", "--height", "48",
-            "--width", "96", "--cache-threshold", "--device", "cpu"]
+    img = (_image(48, 96).permute(1, 2, 0) * 255).byte().numpy()
+    Image.fromarray(img).save(tmp_path / "img.png")
+    argv = [tmp_path / "ref.mp4", tmp_path / "img.png", "--model", par_model, "--steps", "3",
+            "--height", "48", "--width", "96", "--cache-threshold", "--device", "cpu"]
     assert sample.main([str(a) for a in argv + ["--out", tmp_path / "one.mp4"]]) == 0
     r = _torchrun(2, *argv, "--out", tmp_path / "two.mp4", script=sample.__file__)
     assert r.stdout.count("wrote ") == 1 and "2 processes" in r.stdout, r.stdout
     a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two.mp4")
-    # the float videos agree within 1e-5 (test above), but H.264 is lossy: a change of one level can flip the
-    # encoder's choices in a macroblock, so the decoded frames agree on average, not pixel for pixel
+    # the float videos agree within 1e-5 (test above), but H.264 is lossy: a change of one level can
+    # flip the encoder's choices in a macroblock: the frames agree on average, not pixel for pixel
     assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 2
 
 
 def _worker(model_dir, out=None):
-    """Videos of a pipeline on model_dir: CFG with a blended reference LoRA, no CFG, CFG with the step cache.
-    Under torchrun rank 0 saves them to `out`; alone it returns them."""
+    """Videos of a pipeline on model_dir: CFG with a blended reference LoRA, no CFG, CFG with the
+    step cache. Under torchrun rank 0 saves them to `out`; alone it returns them."""
     import sample
     from test_sample import _image, _video
     par, _ = fast.init_parallel()
     torch.set_num_threads(1)
-    pipe = sample.load(model_dir, torch.float32, "cpu", ckpt=model_dir / "hypernet.safetensors", parallel=par)
+    pipe = sample.load(model_dir, torch.float32, "cpu", ckpt=model_dir / "hypernet.safetensors",
+                       parallel=par)
     lora = pipe.reference_lora([(_video(1, 48, 96), 1.0), (_video(1, 48, 96, seed=5), 2.0)])
     kw = dict(frames=9, height=48, width=96, prompt="a dog", lora=lora)
     res = {"cfg": pipe.generate(_image(48, 96), steps=3, seed=2, **kw),

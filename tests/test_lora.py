@@ -1,6 +1,6 @@
-"""lightlora.py + hypernet.py on the tiny I2V DiT (conftest): exact no-op at init, gradients, per-sample LoRAs,
-LoRA path == materialised dW == merged == diffusers with our exported file, save/load, 5B counts on meta.
-Run: python -m pytest -q tests/test_lora.py  (-s prints the counts and errors)"""
+"""lightlora.py + hypernet.py on the tiny I2V DiT (conftest): exact no-op at init, gradients,
+per-sample LoRAs, LoRA path == materialised dW == merged == diffusers with our exported file,
+save/load, 5B counts on meta. Run: python -m pytest -q tests/test_lora.py (-s: counts, errors)"""
 import copy
 from dataclasses import replace
 
@@ -24,7 +24,8 @@ def dit(tiny_model_dir):
 
 def dit_inputs(B=2, seed=0):  # tiny I2V: latents [B, 3, 8, 8, 12], 226 text tokens (learned PE)
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 3, 8, 8, 12, generator=g), torch.randn(B, 226, 32, generator=g), torch.tensor([900, 321])[:B]
+    x, text = torch.randn(B, 3, 8, 8, 12, generator=g), torch.randn(B, 226, 32, generator=g)
+    return x, text, torch.tensor([900, 321])[:B]
 
 
 def refs(B=2, F=3, H=8, W=12, seed=1):  # reference latents: VAE channels (4), DiT layout
@@ -58,9 +59,8 @@ def grads(v2l, dit):
 
 
 def test_gradients_first_and_second_step(dit):
-    """Step 1: dW = 0 via B_pred = 0, so only head_B has a gradient (any exactly-zero rank-1 dW must come from a
-    zero factor, which zeroes every other factor's gradient; see HyperNet.init_weights). Step 2, after one
-    AdamW step: every trainable tensor, hypernet and both aux factors of every shape group, has one."""
+    """Step 1: only head_B has a gradient (HyperNet.init_weights says why). Step 2, after one AdamW
+    step: every trainable tensor, hypernet and both aux factors of every shape group, has one."""
     torch.manual_seed(0)
     v2l = Video2LoRA(dit, "tiny", layers="all")
     g1 = grads(v2l, dit)
@@ -78,7 +78,8 @@ def test_batch_of_two_loras_equals_one_by_one(dit):
     lora = lo.fold(*random_factors(lo, 2))
     both = dit(x, text, t, lora=lora)
     for i in range(2):
-        one = dit(x[i:i + 1], text[i:i + 1], t[i:i + 1], lora={n: (d[i:i + 1], u[i:i + 1]) for n, (d, u) in lora.items()})
+        one = dit(x[i:i + 1], text[i:i + 1], t[i:i + 1],
+                  lora={n: (d[i:i + 1], u[i:i + 1]) for n, (d, u) in lora.items()})
         assert rel_err(both[i:i + 1], one) < 1e-5
     assert rel_err(both[0], dit(x, text, t)[0]) > 1e-3  # the LoRA does something
 
@@ -93,7 +94,7 @@ def test_lora_path_equals_materialised_dw(dit):
     for j, (name, (o, i)) in enumerate(zip(lo.names, lo.shapes)):
         key = f"{o}x{i}"
         k = lo.groups[key].index(name)
-        dW = 0.5 * lo.B_aux[key][k] @ B[0, j] @ A[0, j] @ lo.A_aux[key][k]  # [d_out, d_in], the paper's eq. 3
+        dW = 0.5 * lo.B_aux[key][k] @ B[0, j] @ A[0, j] @ lo.A_aux[key][k]  # [d_out, d_in], eq. 3
         mods[name].weight += dW
     out = dit(x, text, t, lora=lo.fold(A, B))
     err = rel_err(out, ref(x, text, t))
@@ -101,7 +102,8 @@ def test_lora_path_equals_materialised_dw(dit):
     assert err < 1e-5
     merged = lightlora.merge(dit, lo.fold(A, B))
     assert rel_err(merged(x, text, t), out) < 1e-5
-    assert not torch.equal(merged.transformer_blocks[0].attn1.to_q.weight, dit.transformer_blocks[0].attn1.to_q.weight)
+    q = merged.transformer_blocks[0].attn1.to_q.weight
+    assert not torch.equal(q, dit.transformer_blocks[0].attn1.to_q.weight)
 
 
 @torch.no_grad()
@@ -111,7 +113,8 @@ def test_native_round_trip(dit, tmp_path):
     lightlora.save_native(tmp_path / "l.safetensors", lora)
     back = lightlora.load_native(tmp_path / "l.safetensors")
     assert list(back) == lo.names
-    assert all(torch.equal(lora[n][0], back[n][0]) and torch.equal(lora[n][1], back[n][1]) for n in lo.names)
+    assert all(torch.equal(lora[n][0], back[n][0]) and torch.equal(lora[n][1], back[n][1])
+               for n in lo.names)
     lightlora.export_diffusers(tmp_path / "d.safetensors", lora)
     with pytest.raises(ValueError, match="not a native"):
         lightlora.load_native(tmp_path / "d.safetensors")
@@ -148,7 +151,8 @@ def test_counts_5b_i2v_on_meta():
     assert 1e6 < c["hypernet"] < 1e7
     D = 3072
     per_block = [(6 * D, 512)] * 2 + [(D, D)] * 4 + [(4 * D, D), (D, 4 * D)]
-    assert every.count()["aux"] == 42 * sum(100 * i + o * 50 for o, i in per_block) and every.n_layers == 336
+    assert every.count()["aux"] == 42 * sum(100 * i + o * 50 for o, i in per_block)
+    assert every.n_layers == 336
 
 
 @torch.no_grad()
@@ -161,8 +165,8 @@ def test_refinement_passes(dit):
     for i in range(4):
         for j in range(i):
             assert rel_err(outs[i][0], outs[j][0]) > 1e-4 and rel_err(outs[i][1], outs[j][1]) > 1e-4
-    # eq. 4: the passes only add residual updates to a state that starts at 0. Zero passes read the heads off
-    # state 0; with the update layer zeroed every k gives exactly that.
+    # eq. 4: the passes only add residual updates to a state that starts at 0. Zero passes read the
+    # heads off state 0; with the update layer zeroed every k gives exactly that.
     L, d = hn.weight_tokens.shape
     zero = hn.head_norm(torch.zeros(2, L, d))
     want = hn.head_A(zero).view(2, L, hn.r, hn.a), hn.head_B(zero).view(2, L, hn.b, hn.r)
@@ -178,7 +182,7 @@ def test_padded_batch_and_sizes(dit):
     hn = Video2LoRA(dit, "tiny").hypernet
     torch.nn.init.normal_(hn.head_B.weight, std=0.1)
     long, short = refs(1, 3, seed=3), refs(1, 2, seed=4)
-    padded = torch.cat([short, 5 * refs(1, 1, seed=5)], 1)  # junk in the padded frame must not matter
+    padded = torch.cat([short, 5 * refs(1, 1, seed=5)], 1)  # junk there must not matter
     A, B = hn(torch.cat([long, padded]), frames=torch.tensor([3, 2]))
     for i, alone in enumerate((long, short)):
         a, b = hn(alone)
@@ -186,7 +190,7 @@ def test_padded_batch_and_sizes(dit):
     a, _ = hn(refs(1, 5, 9, 7))  # 17 frames at 72x56 pixels: odd latent sizes pad to the patch grid
     assert a.shape == A[:1].shape and a.isfinite().all()
     with pytest.raises(ValueError, match="reference latents"):
-        hn(torch.randn(1, 3, 8, 8, 12))  # DiT input (image latents concatenated) instead of the reference
+        hn(torch.randn(1, 3, 8, 8, 12))  # the DiT's input (image latents too), not the reference
 
 
 def test_save_load(dit, tmp_path):
@@ -202,9 +206,11 @@ def test_save_load(dit, tmp_path):
     opt2 = torch.optim.AdamW(back.parameters())
     hypernet.load_optimizer(path, back, opt2)
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
-    assert s1.keys() == s2.keys() and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    same = all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    assert s1.keys() == s2.keys() and same
     assert meta == {"step": 7} and back.lora.scale == 0.5 and back.lora.names == v2l.lora.names
-    assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32 for p in back.parameters())
+    assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32
+               for p in back.parameters())
     sd, sd2 = v2l.state_dict(), back.state_dict()
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
     with torch.no_grad():

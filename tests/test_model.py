@@ -18,9 +18,10 @@ def rel_err(ours, ref):
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-BASE = dict(num_attention_heads=2, attention_head_dim=16, out_channels=4, time_embed_dim=16, text_embed_dim=32,
-            num_layers=2, sample_width=12, sample_height=8, sample_frames=9, max_text_seq_length=L_TEXT)
-# name -> (diffusers config, another latent size F, H, W to try or None when only the config's size works)
+BASE = dict(num_attention_heads=2, attention_head_dim=16, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
+            max_text_seq_length=L_TEXT)
+# name -> (diffusers config, another latent size F, H, W to try; None: only the config's size works)
 VARIANTS = {
     "2b": (dict(BASE, in_channels=4), (2, 6, 10)),
     "5b": (dict(BASE, in_channels=4, use_rotary_positional_embeddings=True), (2, 10, 6)),
@@ -28,13 +29,13 @@ VARIANTS = {
                     use_learned_positional_embeddings=True), None),
     "1.5-t2v": (dict(BASE, in_channels=4, patch_size_t=2, patch_bias=False, sample_frames=13,
                      use_rotary_positional_embeddings=True), (2, 6, 8)),
-    "1.5-i2v": (dict(BASE, in_channels=8, patch_size_t=2, patch_bias=False, sample_frames=13, ofs_embed_dim=16,
-                     use_rotary_positional_embeddings=True), (6, 4, 12)),
+    "1.5-i2v": (dict(BASE, in_channels=8, patch_size_t=2, patch_bias=False, sample_frames=13,
+                     ofs_embed_dim=16, use_rotary_positional_embeddings=True), (6, 4, 12)),
 }
 
 
 def ref_rope(cfg, f, h, w):
-    """What the diffusers pipelines pass as image_rotary_emb (their _prepare_rotary_positional_embeddings)."""
+    """The pipelines' image_rotary_emb (diffusers' _prepare_rotary_positional_embeddings)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
     p = cfg.patch_size
@@ -42,12 +43,14 @@ def ref_rope(cfg, f, h, w):
     if cfg.patch_size_t is None:
         crops = get_resize_crop_region_for_grid((gh, gw), bw, bh)
         return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, (gh, gw), f)
-    return get_3d_rotary_pos_embed(cfg.attention_head_dim, None, (gh, gw), (f + 1) // 2, grid_type="slice",
-                                   max_size=(bh, bw))
+    return get_3d_rotary_pos_embed(cfg.attention_head_dim, None, (gh, gw), (f + 1) // 2,
+                                   grid_type="slice", max_size=(bh, bw))
 
 
 def ref_forward(ref, x, text, t, ofs=None):
-    rope = ref_rope(ref.config, x.shape[1], x.shape[3], x.shape[4]) if ref.config.use_rotary_positional_embeddings else None
+    rope = None
+    if ref.config.use_rotary_positional_embeddings:
+        rope = ref_rope(ref.config, x.shape[1], x.shape[3], x.shape[4])
     with torch.no_grad():
         return ref(x, text, t, ofs=ofs, image_rotary_emb=rope, return_dict=False)[0]
 
@@ -55,7 +58,8 @@ def ref_forward(ref, x, text, t, ofs=None):
 def inputs(cfg, f, h, w, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, f, cfg["in_channels"], h, w, generator=g),
-            torch.randn(B, L_TEXT, cfg["text_embed_dim"], generator=g), torch.tensor([999, 437])[:B])
+            torch.randn(B, L_TEXT, cfg["text_embed_dim"], generator=g),
+            torch.tensor([999, 437])[:B])
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -66,12 +70,14 @@ def dit_pair(request, tmp_path_factory):
     torch.manual_seed(0)
     ref = CogVideoXTransformer3DModel(**cfg).eval()
     fixed = getattr(ref.patch_embed, "pos_embedding", None)
-    fixed = fixed.clone() if fixed is not None and not cfg.get("use_learned_positional_embeddings") else None
+    keep = fixed is not None and not cfg.get("use_learned_positional_embeddings")
+    fixed = fixed.clone() if keep else None
     perturb(ref, seed=1)
-    if fixed is not None:  # 2b's sin-cos table is a non-persistent buffer: not in the checkpoint, keep it exact
+    if fixed is not None:  # 2b's sin-cos table, a non-persistent buffer (unsaved): keep it exact
         ref.patch_embed.pos_embedding.copy_(fixed)
     out = tmp_path_factory.mktemp(name) / "transformer"
-    ref.save_pretrained(str(out), safe_serialization=True, max_shard_size="20KB" if name == "1.5-i2v" else "10GB")
+    shard = "20KB" if name == "1.5-i2v" else "10GB"
+    ref.save_pretrained(str(out), safe_serialization=True, max_shard_size=shard)
     return name, cfg, other, ref, out
 
 
@@ -80,11 +86,14 @@ def test_dit_matches_diffusers(dit_pair):
     ours = model.load_dit(out)
     if name == "1.5-i2v":
         assert len(list(out.glob("*.safetensors"))) > 1  # the sharded path was exercised
-    f = ours.config.latent_frames + (ours.config.latent_frames % 2 if ours.config.patch_size_t else 0)
+    f = ours.config.latent_frames
+    if ours.config.patch_size_t:
+        f += f % 2
     sizes = [(f, cfg["sample_height"], cfg["sample_width"])] + ([other] if other else [])
+    ofs = torch.full((1,), 2.0) if cfg.get("ofs_embed_dim") else None
     for size in sizes:
         x, text, t = inputs(cfg, *size)
-        want = ref_forward(ref, x, text, t, ofs=torch.full((1,), 2.0) if cfg.get("ofs_embed_dim") else None)
+        want = ref_forward(ref, x, text, t, ofs=ofs)
         with torch.no_grad():
             got = ours(x, text, t)
         err = rel_err(got, want)
@@ -95,7 +104,7 @@ def test_dit_matches_diffusers(dit_pair):
     ref16 = CogVideoXTransformer3DModel.from_pretrained(str(out), torch_dtype=torch.bfloat16).eval()
     x, text, t = inputs(cfg, *sizes[0])
     x, text = x.bfloat16(), text.bfloat16()
-    want = ref_forward(ref16, x, text, t, ofs=torch.full((1,), 2.0) if cfg.get("ofs_embed_dim") else None)
+    want = ref_forward(ref16, x, text, t, ofs=ofs)
     with torch.no_grad():
         got = model.load_dit(out, torch.bfloat16)(x, text, t)
     err = rel_err(got.float(), want.float())
@@ -108,7 +117,8 @@ def test_dit_size_errors(dit_pair):
     ours = model.load_dit(out)
     if name == "5b-i2v":
         x, text, t = inputs(cfg, 2, 8, 12)
-        with pytest.raises(ValueError, match=r"learned positional embedding only serves latents of F x H x W = 3 x 8 x 12"):
+        msg = r"learned positional embedding only serves latents of F x H x W = 3 x 8 x 12"
+        with pytest.raises(ValueError, match=msg):
             ours(x, text, t)
     if name.startswith("1.5"):
         with pytest.raises(ValueError, match="even number of latent frames"):
@@ -119,7 +129,8 @@ def test_dit_size_errors(dit_pair):
         x, text, t = inputs(cfg, 2, 8, 12)
         with pytest.raises(ValueError, match=f"exactly {L_TEXT} text tokens"):
             ours(x, text[:, :5], t)
-    if name == "5b":  # RoPE alone: no size error to raise; another frame count and size run, shaped like the input
+    # RoPE alone: no size error to raise; another frame count and size run, shaped like the input
+    if name == "5b":
         x, text, t = inputs(cfg, 2, 10, 14)
         with torch.no_grad():
             out = ours(x, text, t)
@@ -135,12 +146,16 @@ def test_lora(dit_pair):
         base = ours(x, text, t)
         assert torch.equal(base, ours(x, text, t, lora={}))
         assert torch.equal(base, ours(x, text, t, lora={"transformer_blocks.1.attn1.to_q": None}))
-        with pytest.raises(ValueError, match="lora names no Linear of this DiT: transformer_blocks.9.attn1.to_q"):
-            ours(x, text, t, lora={"transformer_blocks.9.attn1.to_q": None})
-        assert len(ours.lora_names) == 2 * 8 and "transformer_blocks.1.ff.net.0.proj" in ours.lora_names
+        q9 = "transformer_blocks.9.attn1.to_q"
+        with pytest.raises(ValueError, match=f"lora names no Linear of this DiT: {q9}"):
+            ours(x, text, t, lora={q9: None})
+        assert len(ours.lora_names) == 2 * 8
+        assert "transformer_blocks.1.ff.net.0.proj" in ours.lora_names
         g = torch.Generator().manual_seed(3)
-        down, up = torch.randn(1, 32, 4, generator=g) * 0.1, torch.randn(1, 4, 32, generator=g) * 0.1
-        got = got_q = ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})
+        down = torch.randn(1, 32, 4, generator=g) * 0.1
+        up = torch.randn(1, 4, 32, generator=g) * 0.1
+        q0 = "transformer_blocks.0.attn1.to_q"
+        got = got_q = ours(x, text, t, lora={q0: (down, up)})
         merged = model.load_dit(out)
         merged.transformer_blocks[0].attn1.to_q.weight += (down[0] @ up[0]).T
         want = merged(x, text, t)
@@ -148,19 +163,21 @@ def test_lora(dit_pair):
         print(f"LoRA vs merged weight: rel err {err:.2e}")
         assert err <= 1e-5 and rel_err(got, base) > 1e-3
         # per-sample factors: sample b gets its own (down, up); compare with B=1 runs
-        downs, ups = torch.randn(2, 128, 2, generator=g) * 0.1, torch.randn(2, 2, 32, generator=g) * 0.1
+        downs = torch.randn(2, 128, 2, generator=g) * 0.1
+        ups = torch.randn(2, 2, 32, generator=g) * 0.1
         key = "transformer_blocks.1.ff.net.2"
         got = ours(x, text, t, lora={key: (downs.double(), ups.double())})
         for b in range(2):
-            one = ours(x[b:b + 1], text[b:b + 1], t[b:b + 1], lora={key: (downs[b:b + 1], ups[b:b + 1])})
+            one = ours(x[b:b + 1], text[b:b + 1], t[b:b + 1],
+                       lora={key: (downs[b:b + 1], ups[b:b + 1])})
             assert rel_err(got[b:b + 1], one) <= 1e-5
     # training path: gradients reach the factors; bf16 activations with fp32 factors
     down.requires_grad_(True)
-    ours(x, text, t, lora={"transformer_blocks.0.attn1.to_q": (down, up)}).square().mean().backward()
+    ours(x, text, t, lora={q0: (down, up)}).square().mean().backward()
     assert down.grad is not None and down.grad.abs().sum() > 0
     bf = model.load_dit(out, torch.bfloat16)
     with torch.no_grad():
-        y = bf(x.bfloat16(), text.bfloat16(), t, lora={"transformer_blocks.0.attn1.to_q": (down, up)})
+        y = bf(x.bfloat16(), text.bfloat16(), t, lora={q0: (down, up)})
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), got_q) < 0.05
 
 
@@ -171,11 +188,13 @@ def test_lora_linear_shapes():
     assert torch.equal(model.lora_linear(lin, x3), lin(x3))
     want = lin(x3) + x3 @ down @ up
     assert torch.allclose(model.lora_linear(lin, x3, (down, up)), want, atol=1e-5)
-    assert torch.allclose(model.lora_linear(lin, x2, (down, up)), lin(x2) + (x2[:, None] @ down @ up)[:, 0], atol=1e-5)
-    assert torch.allclose(model.lora_linear(lin, x3, (down[:1], up[:1])), lin(x3) + x3 @ down[:1] @ up[:1], atol=1e-5)
+    want = lin(x2) + (x2[:, None] @ down @ up)[:, 0]
+    assert torch.allclose(model.lora_linear(lin, x2, (down, up)), want, atol=1e-5)
+    want = lin(x3) + x3 @ down[:1] @ up[:1]
+    assert torch.allclose(model.lora_linear(lin, x3, (down[:1], up[:1])), want, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # T5
 
 @pytest.fixture(scope="module")
@@ -192,7 +211,8 @@ def test_t5_matches_transformers(t5_pair):
     ref, out = t5_pair
     assert len(list(out.glob("*.safetensors"))) > 1
     ours = model.load_t5(out)
-    ids = torch.randint(0, TINY_T5["vocab_size"], (2, 226), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, TINY_T5["vocab_size"], (2, 226),
+                        generator=torch.Generator().manual_seed(0))
     ids[1, 40:] = 0  # padding is attended to, as in the pipelines
     with torch.no_grad():
         want = ref(input_ids=ids).last_hidden_state
@@ -228,13 +248,21 @@ def test_t5_tied_embedding_copy_accepted(t5_pair, tmp_path):
         assert torch.equal(model.load_t5(tmp_path)(ids), model.load_t5(out)(ids))
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Tokenizer
 
-AWKWARD = ["", " ", "a cat runs", "   leading and trailing   ", "extra    spaces  between", "new\nline\ttab\r\n",
-           "héllo wörld — ünïcode 日本語 🎉 ﬁ ① ｆｕｌｌ", "x\u3000y\u00a0z", "the</s>cat", "the </s> cat </s>",
-           "a<extra_id_5>b <extra_id_0><extra_id_99>", "a <pad> b <unk>", "<extra_id_100> <extra_id_7", "</s>",
-           "the quick brown fox jumps " * 80, "zoom " * 224 + "</s> tail", "zoom " * 225]
+AWKWARD = ["", " ", "a cat runs", "   leading and trailing   ", "extra    spaces  between",
+           "new\nline\ttab\r\n", "héllo wörld — ünïcode 日本語 🎉 ﬁ ① ｆｕｌｌ",
+           "x\u3000y\u00a0z", "the</s>cat", "the </s> cat </s>",
+           "a<extra_id_5>b <extra_id_0><extra_id_99>", "a <pad> b <unk>",
+           "<extra_id_100> <extra_id_7", "</s>", "the quick brown fox jumps " * 80,
+           "zoom " * 224 + "</s> tail", "zoom " * 225]
+
+
+def hf_ids(ref, texts, max_length):
+    """transformers' T5 ids, padded to max_length as the pipelines ask."""
+    kw = dict(padding="max_length", truncation=True, return_tensors="pt")
+    return ref(texts, max_length=max_length, **kw).input_ids
 
 
 def test_tokenizer_matches_transformers(tiny_tokenizer_dir):
@@ -242,7 +270,7 @@ def test_tokenizer_matches_transformers(tiny_tokenizer_dir):
     ref = T5Tokenizer.from_pretrained(str(tiny_tokenizer_dir))
     ours = model.Tokenizer(tiny_tokenizer_dir)
     for max_length in (226, 16):
-        want = ref(AWKWARD, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+        want = hf_ids(ref, AWKWARD, max_length)
         got = ours(AWKWARD, max_length=max_length)
         for text, g, w in zip(AWKWARD, got, want):
             assert torch.equal(g, w), (text[:40], g.tolist(), w.tolist())
@@ -250,16 +278,16 @@ def test_tokenizer_matches_transformers(tiny_tokenizer_dir):
     # random mixtures of words, whitespace, punctuation and special tokens
     import random
     rng = random.Random(0)
-    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", ".!?", "é", "日", "</s>", "<pad>", "<unk>", "<extra_id_3>",
-            "<", ">", "_", "▁", "0", "zoom-in"]
+    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", ".!?", "é", "日", "</s>", "<pad>",
+            "<unk>", "<extra_id_3>", "<", ">", "_", "▁", "0", "zoom-in"]
     texts = ["".join(rng.choice(bits) for _ in range(rng.randint(0, 30))) for _ in range(200)]
-    want = ref(texts, padding="max_length", max_length=40, truncation=True, return_tensors="pt").input_ids
+    want = hf_ids(ref, texts, 40)
     assert torch.equal(ours(texts, max_length=40), want)
 
 
 def test_tokenizer_json_only(tiny_tokenizer_dir, tmp_path):
-    """A folder saved by current transformers (tokenizer.json, no spiece.model) is read with `tokenizers`; its ids
-    equal transformers' on that folder and our sentencepiece path's on the original one."""
+    """A folder saved by current transformers (tokenizer.json, no spiece.model) is read with
+    `tokenizers`; its ids equal transformers' there and our sentencepiece path's on the original."""
     from transformers import T5Tokenizer
     T5Tokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(str(tmp_path))
     assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "spiece.model").exists()
@@ -268,17 +296,19 @@ def test_tokenizer_json_only(tiny_tokenizer_dir, tmp_path):
     assert ours.tj is not None and sp.tj is None
     import random
     rng = random.Random(1)
-    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", "é", "日", "</s>", "<pad>", "<unk>", "<extra_id_3>", "<", "_"]
-    texts = AWKWARD + ["".join(rng.choice(bits) for _ in range(rng.randint(0, 30))) for _ in range(100)]
+    bits = ["cat", "dog ", " fox", "  ", "\n", "\t", ",", "é", "日", "</s>", "<pad>", "<unk>",
+            "<extra_id_3>", "<", "_"]
+    texts = AWKWARD + ["".join(rng.choice(bits) for _ in range(rng.randint(0, 30)))
+                       for _ in range(100)]
     for max_length in (226, 16):
-        want = ref(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+        want = hf_ids(ref, texts, max_length)
         got = ours(texts, max_length=max_length)
         for text, g, w in zip(texts, got, want):
             assert torch.equal(g, w), (text[:40], g.tolist(), w.tolist())
         assert torch.equal(got, sp(texts, max_length=max_length))
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The official folder layout (conftest's tiny I2V pipeline) and error cases
 
 def test_official_layout(tiny_pipe_and_dir):
@@ -286,7 +316,8 @@ def test_official_layout(tiny_pipe_and_dir):
     dit = model.load_dit(root / "transformer")
     assert dit.config == model.presets["tiny"]
     g = torch.Generator().manual_seed(0)
-    x, text, t = torch.randn(1, 3, 8, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g), torch.tensor([500])
+    x, text = torch.randn(1, 3, 8, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
+    t = torch.tensor([500])
     err = rel_err(dit(x, text, t), ref_forward(pipe.transformer, x, text, t))
     print(f"DiT tiny I2V (official layout, 226 text tokens): rel err {err:.2e}")
     assert err <= TOL
@@ -308,7 +339,8 @@ def dit_folder(tmp_path):
     from safetensors.torch import save_file
     cfg = model.presets["tiny"]
     sd = model.DiT(cfg).state_dict()
-    (tmp_path / "config.json").write_text(json.dumps(dict(asdict(cfg), _class_name="CogVideoXTransformer3DModel")))
+    config = dict(asdict(cfg), _class_name="CogVideoXTransformer3DModel")
+    (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(sd, tmp_path / "diffusion_pytorch_model.safetensors")
     return tmp_path, sd
 
@@ -350,10 +382,12 @@ def test_load_errors(dit_folder, tmp_path_factory):
     with pytest.raises(ValueError, match="1 unexpected keys: foo.weight"):
         model.load_dit(folder)
     _resave(folder, {**sd, "proj_out.weight": torch.zeros(3, 32)})
-    with pytest.raises(ValueError, match=r"proj_out.weight: checkpoint \[3, 32\] vs model \[16, 32\]"):
+    with pytest.raises(ValueError,
+                       match=r"proj_out.weight: checkpoint \[3, 32\] vs model \[16, 32\]"):
         model.load_dit(folder)
     _resave(folder, sd)
-    for bad, msg in [(dict(activation_fn="gelu"), "activation_fn='gelu'"), (dict(patch_size=1), "patch_size=1"),
+    for bad, msg in [(dict(activation_fn="gelu"), "activation_fn='gelu'"),
+                     (dict(patch_size=1), "patch_size=1"),
                      (dict(patch_size_t=4), "patch_size_t=4")]:
         cfg = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**cfg, **bad}))
@@ -367,7 +401,7 @@ def test_load_errors(dit_folder, tmp_path_factory):
 
 
 def test_compile_no_graph_break_no_recompile():
-    """fullgraph torch.compile (counting backend, no codegen): new LoRA values or timesteps reuse the graph."""
+    """fullgraph torch.compile (counting backend, no codegen): new LoRAs or timesteps reuse it."""
     torch.manual_seed(0)
     dit = model.DiT(model.presets["tiny"]).eval().requires_grad_(False)
     graphs = []
@@ -380,10 +414,11 @@ def test_compile_no_graph_break_no_recompile():
     assert len(graphs) == 1
 
 
-@pytest.mark.parametrize("name,keys,params", [("2b", 736, 1.694), ("5b", 1024, 5.570), ("5b-i2v", 1025, 5.570),
-                                              ("1.5-5b", 1024, 5.571), ("1.5-5b-i2v", 1028, 5.572)])
+@pytest.mark.parametrize("name,keys,params", [("2b", 736, 1.694), ("5b", 1024, 5.570),
+                                              ("5b-i2v", 1025, 5.570), ("1.5-5b", 1024, 5.571),
+                                              ("1.5-5b-i2v", 1028, 5.572)])
 def test_presets_match_official_key_counts(name, keys, params):
-    """Spec §2.1: state-dict key counts and parameter counts of the official checkpoints (built on meta)."""
+    """Spec §2.1: state-dict key and parameter counts of the official checkpoints (on meta)."""
     with torch.device("meta"):
         dit = model.DiT(model.presets[name])
     assert len(dit.state_dict()) == keys

@@ -1,6 +1,6 @@
-"""The README stays true: its CPU walkthrough runs as written (fewer clips and steps), its Python API and
-diffusers examples run on what the walkthrough wrote, and each script's --help gives every flag a help line,
-its default and its choices."""
+"""The README stays true: its CPU walkthrough runs as written (fewer clips and steps), its Python
+API and diffusers examples run on what the walkthrough wrote, and each script's --help gives every
+flag a help line, its default and its choices."""
 import argparse
 import json
 import os
@@ -57,22 +57,24 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
         assert argv[0] == "python", argv
         if argv[1] == "sample.py":
             argv += ["--steps", "2"]
-        r = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, f"{' '.join(argv)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out.setdefault(argv[1], []).append(r.stdout)
     assert len(list((tmp_path / "clips").glob("*/*.mp4"))) == 17  # one clip of each seen category
-    size = common.model_sizes(ROOT / "assets")  # (9, 64, 64): what the cache must default to, as train.py
+    size = common.model_sizes(ROOT / "assets")  # (9, 64, 64): the cache's default, as train.py
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert tuple(index["settings"][k] for k in ("frames", "height", "width")) == size
     log = out["train.py"][0]
     assert "step 1 |" in log and "step 2 |" in log and "done: step 2 of 2" in log, log
     assert f"last checkpoint {tmp_path}/run/ckpt-000002.safetensors" in log, log
     last = out["sample.py"][0].strip().splitlines()[-1]
-    assert last.startswith(f"wrote {walk}out.mp4 ({size[0]}x{size[1]}x{size[2]}, 8 fps), {walk}fade.safetensors")
+    assert last.startswith(f"wrote {walk}out.mp4 ({size[0]}x{size[1]}x{size[2]}, 8 fps), "
+                           f"{walk}fade.safetensors")
     assert " s | " in last, last
     assert _frames(tmp_path / "out.mp4").shape == _frames(tmp_path / "out2.mp4").shape == (*size, 3)
 
-    monkeypatch.chdir(ROOT)  # the examples use assets/ and the walkthrough's files, as a reader would
+    monkeypatch.chdir(ROOT)  # examples use assets/ and the walkthrough's files, as a reader would
     api = shorten(readme_block("## Python API", "python"), [
         ("steps=50", "steps=2"), ("ckpt-001500", "ckpt-000002"), ("walk/", walk)])
     exec(compile(api, "README: Python API", "exec"), {})
@@ -97,7 +99,7 @@ def test_help_shows_every_default_and_choice(name):
         if isinstance(a, argparse._HelpAction):
             continue
         assert a.help, f"{name}: {a.option_strings or a.dest} has no help line"
-        d, shown = a.default, p._get_formatter()._expand_help(a)  # this flag's help as --help prints it
+        d, shown = a.default, p._get_formatter()._expand_help(a)  # as --help prints it
         assert " ".join(shown.split()) in " ".join(text.split())
         if not (d is None or d is False or d == "" or d == []):
             assert shown.endswith(f"(default: {d})"), (name, shown)
@@ -110,6 +112,7 @@ def test_help_shows_every_default_and_choice(name):
 
 
 def test_cache_and_train_sizes_are_the_models(tiny_model_dir):
-    """cache.py's defaults (common.model_sizes) are what train.py and sample.py take from the model."""
+    """cache.py's defaults (common.model_sizes) = what train.py and sample.py take."""
     import torch
-    assert common.model_sizes(tiny_model_dir) == sample.load(tiny_model_dir, torch.float32, "cpu").sizes() == (9, 64, 96)
+    sizes = sample.load(tiny_model_dir, torch.float32, "cpu").sizes()
+    assert common.model_sizes(tiny_model_dir) == sizes == (9, 64, 96)

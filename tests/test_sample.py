@@ -1,4 +1,4 @@
-"""sample.py: schedulers vs diffusers, the I2V pipeline vs diffusers' on the tiny folder, the CLI."""
+"""sample.py: schedulers vs diffusers, the I2V pipeline vs diffusers' on the tiny folder, CLI."""
 import numpy as np
 import pytest
 import torch
@@ -22,7 +22,8 @@ def _trajectory(kind, shift, n, ours, dtype=torch.float32):
             if kind == "ddim":
                 x = sample.ddim_step(A, vs[i], x, t, t - 1000 // n)
             else:
-                x, old = sample.dpm_step(A, vs[i], x, t, t - 1000 // n, ts[i - 1] if i else None, old, g)
+                prev = ts[i - 1] if i else None
+                x, old = sample.dpm_step(A, vs[i], x, t, t - 1000 // n, prev, old, g)
             x = x.to(dtype)
             out.append(x)
         return torch.stack(out), ts
@@ -59,19 +60,21 @@ def test_scheduler_trajectory(kind, shift, n):
 
 
 def test_scheduler_bf16_sample():
-    """The pipeline runs the sample in bf16 and the model output in fp32: dtypes must mix the same way."""
+    """The pipeline runs the sample in bf16 and the model output in fp32: dtypes must mix the same
+    way."""
     for kind in ("ddim", "dpm"):
         ours, _ = _trajectory(kind, 1.0, 10, True, torch.bfloat16)
         ref, _ = _trajectory(kind, 1.0, 10, False, torch.bfloat16)
         assert torch.equal(ours, ref)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Pipeline
 
 
 def _image(h=64, w=96, seed=0):
-    """A smooth [3,H,W] image in [0,1] (already at the target size, so neither side resamples it)."""
+    """A smooth [3,H,W] image in [0,1] (already at the target size, so neither side resamples
+    it)."""
     g = torch.Generator().manual_seed(seed)
     small = torch.rand(1, 3, h // 16, w // 16, generator=g)
     return torch.nn.functional.interpolate(small, (h, w), mode="bilinear", align_corners=False)[0]
@@ -86,18 +89,20 @@ def ours(tiny_model_dir):
     return sample.load(tiny_model_dir, torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("scheduler,dynamic", [("ddim", False), ("dpm", False), ("ddim", True), ("dpm", True)])
+@pytest.mark.parametrize("scheduler,dynamic", [("ddim", False), ("dpm", False), ("ddim", True),
+                                               ("dpm", True)])
 def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic):
     from diffusers import CogVideoXDPMScheduler
     pipe = tiny_pipe_and_dir[0]
-    image, kw = _image(), dict(num_frames=9, height=64, width=96, num_inference_steps=3, guidance_scale=6.0)
+    image = _image()
+    kw = dict(num_frames=9, height=64, width=96, num_inference_steps=3, guidance_scale=6.0)
     saved = pipe.scheduler
     if scheduler == "dpm":
         pipe.scheduler = CogVideoXDPMScheduler.from_config(saved.config)
     try:
-        # a [3,H,W] tensor in [0,1] at the target size: diffusers' VideoProcessor only normalises it (2x-1)
-        ref = pipe(image=image, prompt="a cat runs", use_dynamic_cfg=dynamic, generator=torch.Generator().manual_seed(7),
-                   output_type="pt", **kw).frames[0]
+        # a [3,H,W] tensor in [0,1] at the target size: diffusers' VideoProcessor only does 2x-1
+        ref = pipe(image=image, prompt="a cat runs", use_dynamic_cfg=dynamic,
+                   generator=torch.Generator().manual_seed(7), output_type="pt", **kw).frames[0]
     finally:
         pipe.scheduler = saved
     out = ours.generate(image, "a cat runs", frames=9, height=64, width=96, steps=3, guidance=6.0,
@@ -109,9 +114,9 @@ def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic)
 
 
 def test_tiled_decode(tiny_model_dir, ours):
-    """tile_vae reaches the decode: the pipeline's video is exactly VAE.decode(tile=True) of its latents, which
-    tests/test_vae.py checks against diffusers' tiling. The fixture's VAE tiles (sample 64x96 -> 32x48) do not
-    add up at this size, so use 96x80 ones (6x5 latents), as test_vae.py."""
+    """tile_vae reaches the decode: the pipeline's video is exactly VAE.decode(tile=True) of its
+    latents, which tests/test_vae.py checks against diffusers' tiling. The fixture's VAE tiles
+    (sample 64x96 -> 32x48) do not add up at this size: 96x80 ones (6x5 latents), as test_vae.py."""
     pipe = sample.load(tiny_model_dir, torch.float32, "cpu", tile_vae=True)
     pipe.vae.config.sample_height, pipe.vae.config.sample_width = 96, 80
     decode, seen = pipe.vae.decode, []
@@ -121,7 +126,7 @@ def test_tiled_decode(tiny_model_dir, ours):
     (z, tile), = seen
     want = (decode(z, tile=True) / 2 + 0.5).clamp(0, 1)[0].permute(1, 0, 2, 3)
     assert tile and torch.equal(tiled, want)
-    assert tiled.shape == full.shape and 0 < (tiled - full).abs().mean() < 0.1  # random weights: big seams
+    assert tiled.shape == full.shape and 0 < (tiled - full).abs().mean() < 0.1  # random: big seams
 
 
 def test_pipeline_checks_sizes(ours):
@@ -135,7 +140,7 @@ def test_pipeline_checks_sizes(ours):
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_model_dir, tmp_path_factory):
-    """Video2LoRA checkpoints for the tiny DiT: fresh (zero LoRA), perturbed, and one made for another DiT."""
+    """Video2LoRA checkpoints for the tiny DiT: fresh (a zero LoRA), perturbed, another DiT's."""
     import hypernet
     import model
     from conftest import perturb
@@ -162,7 +167,7 @@ def test_zero_hypernet_is_the_base_model(tiny_model_dir, base, ckpts):
     pipe = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ckpts / "zero.safetensors")
     assert torch.equal(pipe.generate(_image(), "a dog", ref=_video(), **KW), base)
     blend = pipe.reference_lora([(_video(1), 1), (_video(1, seed=5), 2)])
-    assert all(torch.equal(up, torch.zeros_like(up)) for _, up in blend.values())  # so a blend is a no-op too
+    assert all(torch.equal(up, torch.zeros_like(up)) for _, up in blend.values())  # a no-op too
 
 
 def test_reference_lora_and_blend(tiny_model_dir, base, ckpts):
@@ -176,10 +181,10 @@ def test_reference_lora_and_blend(tiny_model_dir, base, ckpts):
     for k in a:  # a blend of k rank-1 LoRAs is the rank-k LoRA with the weighted effect, exactly
         assert mix[k][0].shape[-1] == 2 and close(eff(mix, k), 0.25 * eff(a, k) + 0.75 * eff(b, k))
         assert close(eff(half, k), 0.5 * eff(a, k))
-    assert not torch.allclose(pipe.generate(_image(), "a dog", lora=mix, **KW), base)  # the LoRA reaches the DiT
+    assert not torch.allclose(pipe.generate(_image(), "a dog", lora=mix, **KW), base)  # reaches it
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -203,16 +208,17 @@ def _frames(path):
 
 def test_cli_end_to_end(capsys, tiny_model_dir, ckpts, files, tmp_path):
     out = tmp_path / "out.mp4"
-    code = sample.main([str(files / "ref.mp4"), str(files / "img.png"), "--model", str(tiny_model_dir), "--ckpt",
-                        str(ckpts / "random.safetensors"), "--out", str(out), "--steps", "2", "--device", "cpu",
-                        "--ref", f"{files / 'ref.mp4'}:0.5", "--save-lora", str(tmp_path / "l.safetensors"),
-                        "--export-lora", str(tmp_path / "d.safetensors"), "--scheduler", "dpm", "--dynamic-cfg",
-                        "--offload"])
+    lora, diffusers_lora = tmp_path / "l.safetensors", tmp_path / "d.safetensors"
+    code = sample.main([str(files / "ref.mp4"), str(files / "img.png"), "--model",
+                        str(tiny_model_dir), "--ckpt", str(ckpts / "random.safetensors"), "--out",
+                        str(out), "--steps", "2", "--device", "cpu", "--ref",
+                        f"{files / 'ref.mp4'}:0.5", "--save-lora", str(lora), "--export-lora",
+                        str(diffusers_lora), "--scheduler", "dpm", "--dynamic-cfg", "--offload"])
     stdout = capsys.readouterr().out
     print(stdout)
     last = stdout.strip().splitlines()[-1]  # the lines before it: a line per slow stage
     assert code == 0 and last.startswith(f"wrote {out} (9x64x96, 8 fps), ") and "denoise" in last
-    assert f"{tmp_path / 'l.safetensors'} (LoRA for --lora)" in last and f"{tmp_path / 'd.safetensors'}" in last
+    assert f"{lora} (LoRA for --lora)" in last and f"{diffusers_lora}" in last
     assert "loading " in stdout and "\ndecode ... " in stdout
     frames = _frames(out)  # decodes back with PyAV
     assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
@@ -220,27 +226,32 @@ def test_cli_end_to_end(capsys, tiny_model_dir, ckpts, files, tmp_path):
 
 
 def test_cli_lora_round_trip(capsys, tiny_model_dir, ckpts, files, tmp_path):
-    """--save-lora writes what --lora reads: the same video from the LoRA file alone (no hypernetwork), bit for
-    bit; --lora files blend with references by weight, as references blend with each other."""
+    """--save-lora writes what --lora reads: the same video from the LoRA file alone (no
+    hypernetwork), bit for bit; --lora files blend with references by weight, as references do."""
     import data
     import lightlora
     data.write_video(tmp_path / "ref2.mp4", _video(12, 64, 96, seed=5))
-    run = lambda *a: sample.main([*map(str, a), "--model", str(tiny_model_dir), "--steps", "2", "--device", "cpu"])
-    ck, ref, ref2, img = ckpts / "random.safetensors", files / "ref.mp4", tmp_path / "ref2.mp4", files / "img.png"
-    assert run(ref, img, "--ckpt", ck, "--out", tmp_path / "a.mp4", "--save-lora", tmp_path / "a.safetensors") == 0
-    assert run(img, "--lora", tmp_path / "a.safetensors", "--out", tmp_path / "b.mp4") == 0
-    assert run(ref2, img, "--ckpt", ck, "--out", tmp_path / "c.mp4", "--save-lora", tmp_path / "c.safetensors") == 0
-    assert run(ref2, img, "--ckpt", ck, "--lora", f"{tmp_path / 'a.safetensors'}:3", "--out", tmp_path / "m.mp4",
-               "--save-lora", tmp_path / "m.safetensors", "--lora-scale", "0.5") == 0
+    opts = ["--model", str(tiny_model_dir), "--steps", "2", "--device", "cpu"]
+    run = lambda *a: sample.main([*map(str, a), *opts])
+    ck, ref, img = ckpts / "random.safetensors", files / "ref.mp4", files / "img.png"
+    ref2 = tmp_path / "ref2.mp4"
+    mp4, st = lambda n: tmp_path / f"{n}.mp4", lambda n: tmp_path / f"{n}.safetensors"
+    assert run(ref, img, "--ckpt", ck, "--out", mp4("a"), "--save-lora", st("a")) == 0
+    assert run(img, "--lora", st("a"), "--out", mp4("b")) == 0
+    assert run(ref2, img, "--ckpt", ck, "--out", mp4("c"), "--save-lora", st("c")) == 0
+    assert run(ref2, img, "--ckpt", ck, "--lora", f"{st('a')}:3", "--out", mp4("m"),
+               "--save-lora", st("m"), "--lora-scale", "0.5") == 0
     assert run(img, "--no-ref", "--out", tmp_path / "base.mp4") == 0
-    a, b, c, base = (torch.from_numpy(np.stack(_frames(tmp_path / f"{n}.mp4"))) for n in ("a", "b", "c", "base"))
+    video = lambda n: torch.from_numpy(np.stack(_frames(tmp_path / f"{n}.mp4")))
+    a, b, c, base = (video(n) for n in ("a", "b", "c", "base"))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, base)
     la, lc, mix = (lightlora.load_native(tmp_path / f"{n}.safetensors") for n in ("a", "c", "m"))
     x = torch.randn(1, 7, 32, dtype=torch.float64)
     eff = lambda lora, k: x @ lora[k][0].double() @ lora[k][1].double()
     for k in la:  # weights 1 (the reference) and 3 (the file), normalised; --lora-scale halves both
         want = 0.5 * (0.25 * eff(lc, k) + 0.75 * eff(la, k))
-        assert mix[k][0].shape[-1] == 2 and ((eff(mix, k) - want).abs().max() / want.abs().max()) < 1e-6
+        err = (eff(mix, k) - want).abs().max() / want.abs().max()
+        assert mix[k][0].shape[-1] == 2 and err < 1e-6
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith(f"wrote {tmp_path / 'base.mp4'}") and "ref->lora" not in out[-1]
 
@@ -249,27 +260,32 @@ def test_cli_script_error(files, tmp_path):
     """As a script: exit code 2 and a single line on stderr, no traceback."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, sample.__file__, str(files / "ref.mp4"), str(tmp_path / "nope.png")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope.png" in r.stderr, r.stderr
+    argv = [sys.executable, sample.__file__, str(files / "ref.mp4"), str(tmp_path / "nope.png")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    one_line = r.stderr.strip().count("\n") == 0
+    assert r.returncode == 2 and one_line and "nope.png" in r.stderr, r.stderr
 
 
 def _fails(capsys, argv, out, match):
     code = sample.main(argv + ["--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1 and match in err, err
+    one_line = err.startswith("error:") and len(err.splitlines()) == 1
+    assert code == 2 and one_line and match in err, err
     assert "Traceback" not in err
     assert not out.exists() or out.read_bytes() == b"old"
 
 
-@pytest.mark.parametrize("case", ["missing image", "missing ref", "bad video", "short ref", "frames", "size",
-                                  "learned pe", "no model", "no ckpt", "wrong ckpt", "not a ckpt", "out folder",
-                                  "no ref", "lora other model", "lora not a lora", "lora unreadable", "missing lora"])
+@pytest.mark.parametrize("case", ["missing image", "missing ref", "bad video", "short ref",
+                                  "frames", "size", "learned pe", "no model", "no ckpt",
+                                  "wrong ckpt", "not a ckpt", "out folder", "no ref",
+                                  "lora other model", "lora not a lora", "lora unreadable",
+                                  "missing lora"])
 def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
     out = tmp_path / "out.mp4"
     if case in ("frames", "size"):
         out.write_bytes(b"old")  # an existing output is left alone
-    ref, img, m, ck = str(files / "ref.mp4"), str(files / "img.png"), str(tiny_model_dir), str(ckpts / "zero.safetensors")
+    ref, img = str(files / "ref.mp4"), str(files / "img.png")
+    m, ck = str(tiny_model_dir), str(ckpts / "zero.safetensors")
     if case == "lora other model":  # a LoRA for a DiT of width 7 instead of 32
         import lightlora
         lightlora.save_native(tmp_path / "other.safetensors", {"transformer_blocks.0.attn1.to_q": (
@@ -281,17 +297,22 @@ def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
         "short ref": ([str(files / "short.mp4"), img, "--model", m, "--ckpt", ck], "too short"),
         "frames": ([ref, img, "--model", m, "--ckpt", ck, "--frames", "13"], "8k+1"),
         "size": ([ref, img, "--model", m, "--ckpt", ck, "--height", "72"], "multiple of 16"),
-        "learned pe": ([ref, img, "--model", m, "--ckpt", ck, "--height", "128", "--width", "192"], "only takes"),
+        "learned pe": ([ref, img, "--model", m, "--ckpt", ck, "--height", "128", "--width", "192"],
+                       "only takes"),
         "no model": ([ref, img, "--model", str(tmp_path / "nowhere")], "no model at"),
         "no ckpt": ([ref, img, "--model", m], "--no-ref"),
-        "wrong ckpt": ([ref, img, "--model", m, "--ckpt", str(ckpts / "other.safetensors")], "adapted layers"),
+        "wrong ckpt": ([ref, img, "--model", m, "--ckpt", str(ckpts / "other.safetensors")],
+                       "adapted layers"),
         "not a ckpt": ([ref, img, "--model", m, "--ckpt", str(files / "bad.mp4")], "bad.mp4"),
         "out folder": ([ref, img, "--model", m, "--ckpt", ck], "folder"),
         "no ref": ([img, "--model", m], "--lora FILE or --no-ref"),
-        "lora other model": ([img, "--model", m, "--lora", str(tmp_path / "other.safetensors")], "does not fit"),
+        "lora other model": ([img, "--model", m, "--lora", str(tmp_path / "other.safetensors")],
+                             "does not fit"),
         "lora not a lora": ([img, "--model", m, "--lora", ck], "not a native video2lora LoRA"),
-        "lora unreadable": ([img, "--model", m, "--lora", str(files / "bad.mp4")], "not a readable LoRA"),
-        "missing lora": ([img, "--model", m, "--lora", str(files / "nope.safetensors:2")], "nope.safetensors"),
+        "lora unreadable": ([img, "--model", m, "--lora", str(files / "bad.mp4")],
+                            "not a readable LoRA"),
+        "missing lora": ([img, "--model", m, "--lora", str(files / "nope.safetensors:2")],
+                         "nope.safetensors"),
     }[case]
     if case == "out folder":
         out = tmp_path / "missing" / "out.mp4"
@@ -299,27 +320,31 @@ def test_cli_errors(capsys, tiny_model_dir, ckpts, files, tmp_path, case):
 
 
 def test_pipeline_matches_diffusers_1_5(tmp_path):
-    """CogVideoX1.5-I2V-like tiny model: patch_size_t=2 (one padding latent frame, dropped before decoding),
-    ofs embedding, invert_scale_latents, RoPE without learned positions."""
+    """CogVideoX1.5-I2V-like tiny model: patch_size_t=2 (one padding latent frame, dropped before
+    decoding), ofs embedding, invert_scale_latents, RoPE without learned positions."""
     import shutil
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
-                           CogVideoXTransformer3DModel)
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler,
+                           CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
     from conftest import TINY_DIT_I2V, TINY_T5, TINY_VAE, make_tokenizer_dir, perturb
     torch.manual_seed(0)
     tok = T5Tokenizer.from_pretrained(str(make_tokenizer_dir(tmp_path / "tok")))
-    dit = CogVideoXTransformer3DModel(**dict(TINY_DIT_I2V, use_learned_positional_embeddings=False, patch_size_t=2,
-                                             ofs_embed_dim=16, patch_bias=False))
-    pipe = CogVideoXImageToVideoPipeline(
-        tokenizer=tok, text_encoder=perturb(T5EncoderModel(T5Config(**TINY_T5)).eval(), 1), transformer=perturb(dit.eval(), 2),
-        vae=perturb(AutoencoderKLCogVideoX(**dict(TINY_VAE, invert_scale_latents=True)).eval(), 3, std=0.02),
-        scheduler=CogVideoXDDIMScheduler(**DDIM_CONFIG))
+    dit = CogVideoXTransformer3DModel(**dict(TINY_DIT_I2V, use_learned_positional_embeddings=False,
+                                             patch_size_t=2, ofs_embed_dim=16, patch_bias=False))
+    t5 = perturb(T5EncoderModel(T5Config(**TINY_T5)).eval(), 1)
+    dit = perturb(dit.eval(), 2)
+    vae = AutoencoderKLCogVideoX(**dict(TINY_VAE, invert_scale_latents=True)).eval()
+    vae = perturb(vae, 3, std=0.02)
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=tok, text_encoder=t5, transformer=dit, vae=vae,
+                                         scheduler=CogVideoXDDIMScheduler(**DDIM_CONFIG))
     pipe.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
     shutil.copy(tmp_path / "tok" / "spiece.model", tmp_path / "m" / "tokenizer" / "spiece.model")
     kw = dict(num_frames=9, height=64, width=96, num_inference_steps=2, guidance_scale=5.0)
-    ref = pipe(image=_image(), prompt="fox", generator=torch.Generator().manual_seed(1), output_type="pt", **kw).frames[0]
-    out = sample.load(tmp_path / "m", torch.float32, "cpu").generate(_image(), "fox", frames=9, height=64, width=96,
-                                                                     steps=2, guidance=5.0, seed=1)
+    g = torch.Generator().manual_seed(1)
+    ref = pipe(image=_image(), prompt="fox", generator=g, output_type="pt", **kw).frames[0]
+    ours = sample.load(tmp_path / "m", torch.float32, "cpu")
+    kw = dict(frames=9, height=64, width=96, steps=2, guidance=5.0, seed=1)
+    out = ours.generate(_image(), "fox", **kw)
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     print(f"1.5-I2V-like: max rel err {err:.2e}")
     assert out.shape == ref.shape == (9, 3, 64, 96) and err <= 1e-4

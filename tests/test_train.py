@@ -1,5 +1,5 @@
-"""train.py end to end on tiny models (CPU, fp32, gloo): DDP == one process, SIGTERM + exact resume, bad
-clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.
+"""train.py end to end on tiny models (CPU, fp32, gloo): DDP == one process, SIGTERM + exact resume,
+bad clips, cache == no cache, small checkpoints, non-finite steps, FSDP2 + activation checkpointing.
     python -m pytest -q tests/test_train.py"""
 import io
 import json
@@ -25,7 +25,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def moving(kind, k, frames=9, h=64, w=96):
-    """[F,3,H,W] in [0,1]: a square that moves (pan), grows (zoom) or blinks (fade); k varies colour/start."""
+    """[F,3,H,W] in [0,1]: a square that pans, zooms (grows) or fades (blinks); k: its colour, x."""
     v = torch.full((frames, 3, h, w), 0.1 + 0.1 * k)
     for f in range(frames):
         s = 12 + (3 * f if kind == "zoom" else 0)
@@ -47,19 +47,23 @@ def clips(tmp_path_factory):
     return root
 
 
-ARGS = ["--hypernet", "tiny", "--num-workers", "0", "--warmup", "2", "--lr", "1e-3", "--a", "8", "--b", "4"]
+ARGS = ["--hypernet", "tiny", "--num-workers", "0", "--warmup", "2", "--lr", "1e-3",
+        "--a", "8", "--b", "4"]
 
 
 def train(model_dir, data_dir, out, *args, nproc=1, check=True, **kw):
-    """train.py with these flags: in this process (one thread, as the subprocesses' OMP_NUM_THREADS=1), or
-    under torchrun with nproc > 1. -> (returncode, stdout, stderr)."""
-    argv = ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), *ARGS, *map(str, args)]
+    """train.py with these flags: in this process (one thread, as the subprocesses'
+    OMP_NUM_THREADS=1), or under torchrun with nproc > 1. -> (returncode, stdout, stderr)."""
+    argv = ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), *ARGS,
+            *map(str, args)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), *argv]
-        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *argv]
+        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300, **kw)
     else:
-        out_, err_, threads, rng = io.StringIO(), io.StringIO(), torch.get_num_threads(), torch.get_rng_state()
+        out_, err_ = io.StringIO(), io.StringIO()
+        threads, rng = torch.get_num_threads(), torch.get_rng_state()
         torch.set_num_threads(1)
         try:
             with redirect_stdout(out_), redirect_stderr(err_):
@@ -69,7 +73,8 @@ def train(model_dir, data_dir, out, *args, nproc=1, check=True, **kw):
             torch.set_rng_state(rng)
         r = SimpleNamespace(returncode=code, stdout=out_.getvalue(), stderr=err_.getvalue())
     if check and r.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(argv)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+        raise AssertionError(f"train.py {' '.join(argv)} failed ({r.returncode}):\n"
+                             f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
 
 
@@ -92,7 +97,8 @@ def close(a, b, tol):
 @pytest.fixture(scope="module")
 def cache(tiny_model_dir, clips, tmp_path_factory):
     out, threads = tmp_path_factory.mktemp("cache"), torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: a second (shared, busy) core only adds OpenMP spinning
+    # tiny convolutions: a second (shared, busy) core only adds OpenMP spinning
+    torch.set_num_threads(1)
     try:
         cache_lib.build_cache(tiny_model_dir, clips, out, frames=9, height=64, width=96, workers=0)
     finally:
@@ -102,32 +108,35 @@ def cache(tiny_model_dir, clips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, clips, cache, tmp_path_factory):
-    """One process, batch 2, 4 steps = one epoch, so every clip is visited (from the cache: the tiny VAE is
-    the slow part on CPU): the reference the other tests compare to."""
+    """One process, batch 2, 4 steps = one epoch, so every clip is visited (from the cache: the tiny
+    VAE is the slow part on CPU): the reference the other tests compare to."""
     out = tmp_path_factory.mktemp("straight")
-    r = train(tiny_model_dir, clips, out, "--steps", 4, "--batch-size", 2, "--save-every", 1, "--keep", 3,
-              "--cache", cache)
+    r = train(tiny_model_dir, clips, out, "--steps", 4, "--batch-size", 2, "--save-every", 1,
+              "--keep", 3, "--cache", cache)
     return out, r.stdout + r.stderr
 
 
 def test_log_and_checkpoints(straight, tiny_model_dir):
     out, log = straight
-    lines = [l for l in log.splitlines() if l.startswith("step ")]  # default --log-every 10: the first and the last
+    lines = [l for l in log.splitlines() if l.startswith("step ")]  # --log-every 10: first, last
     assert [l.split(" |")[0] for l in lines] == ["step 1", "step 4"], log
     assert all(" | loss " in l and " videos/s | mem " in l for l in lines), log
     summary = next(l for l in log.splitlines() if l.startswith("done: "))
-    assert summary.startswith("done: step 4 of 4 in ") and str(out / "ckpt-000004.safetensors") in summary, summary
+    assert summary.startswith("done: step 4 of 4 in "), summary
+    assert str(out / "ckpt-000004.safetensors") in summary, summary
     assert str(out / "metrics.jsonl") in summary and str(out / "bad_clips.txt") in summary, summary
-    assert [p.name for p in sorted(out.glob("ckpt-*"))] == [f"ckpt-00000{i}.safetensors" for i in (2, 3, 4)]
+    kept = [p.name for p in sorted(out.glob("ckpt-*"))]
+    assert kept == [f"ckpt-00000{i}.safetensors" for i in (2, 3, 4)]
     assert len(losses(out)) == 4 and all(l > 0 for l in losses(out))
     bad = (out / "bad_clips.txt").read_text()
     assert "corrupt.mp4" in bad and "short.mp4" in bad, bad
-    # no frozen weight in the checkpoint: only the trainable part, its AdamW moments and small extras
+    # no frozen weight in the checkpoint: the trainable part, its AdamW moments and small extras
     ckpt = out / "ckpt-000004.safetensors"
     with safe_open(str(ckpt), "pt") as fh:
         keys = list(fh.keys())
         meta = json.loads(fh.metadata()["meta"])
-    assert meta["step"] == 4 and meta["samples"] == 8 and meta["epoch"] == 1 and meta["args"]["batch_size"] == 2
+    assert meta["step"] == 4 and meta["samples"] == 8 and meta["epoch"] == 1
+    assert meta["args"]["batch_size"] == 2
     assert all(k.startswith(("hypernet.", "lora.", "optim.", "rng.")) for k in keys), keys
     n_bytes = sum(v.numel() * 4 for v in weights(ckpt).values())
     assert ckpt.stat().st_size < 3 * n_bytes + 100_000
@@ -144,8 +153,8 @@ def test_sample_reads_training_checkpoint(straight, tiny_model_dir):
 
 
 def test_no_cache_same_losses(straight, tiny_model_dir, clips, tmp_path):
-    """Reading and encoding videos every step == the cache (which holds bf16 posteriors and T5 outputs, hence
-    1e-3 and not 1e-6); bad clips are skipped and listed on this path too."""
+    """Reading and encoding videos every step == the cache (which holds bf16 posteriors and T5
+    outputs, hence 1e-3 and not 1e-6); bad clips are skipped and listed on this path too."""
     out, _ = straight
     train(tiny_model_dir, clips, tmp_path, "--steps", 2, "--batch-size", 2)
     assert losses(tmp_path) == pytest.approx(losses(out)[:2], rel=1e-3)
@@ -153,21 +162,25 @@ def test_no_cache_same_losses(straight, tiny_model_dir, clips, tmp_path):
 
 
 def test_ddp_equals_one_process(straight, tiny_model_dir, clips, cache, tmp_path):
-    """2 processes x batch 1 == 1 process x batch 2: same samples, same per-sample noise, averaged grads."""
+    """2 processes x batch 1 == 1 process x batch 2: same samples and noise, averaged gradients."""
     out, _ = straight
-    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, "--num-workers", 1,
-          nproc=2)
+    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache,
+          "--num-workers", 1, nproc=2)
     assert losses(tmp_path) == pytest.approx(losses(out)[:3], rel=1e-5)
-    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 1e-4)
+    last = "ckpt-000003.safetensors"
+    close(weights(tmp_path / last), weights(out / last), 1e-4)
 
 
 def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tmp_path):
-    """SIGTERM (preemption) saves at the end of the step and exits 143 (128 + 15); --resume then gives the uninterrupted
-    run's losses and weights exactly, skipping a half-written temporary file and a damaged checkpoint."""
+    """SIGTERM (preemption) saves at the end of the step and exits 143 (128 + 15); --resume then
+    gives the uninterrupted run's losses and weights exactly, past a half-written temporary file and
+    a damaged checkpoint."""
     out, _ = straight
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(clips), "--out",
-           str(tmp_path), "--cache", str(cache), *ARGS, "--steps", "3", "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model_dir), "--data",
+           str(clips), "--out", str(tmp_path), "--cache", str(cache), *ARGS, "--steps", "3",
+           "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:
         log.append(line)
@@ -175,17 +188,19 @@ def test_sigterm_then_resume_is_exact(straight, tiny_model_dir, clips, cache, tm
             proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(log)
     ckpts = sorted(tmp_path.glob("ckpt-*.safetensors"))
-    assert "SIGTERM" in "".join(log) and len(ckpts) == 1 and ckpts[0].name < "ckpt-000003", "".join(log)
-    (tmp_path / "ckpt-000003.safetensors.tmp").write_bytes(b"\0" * 100)  # what a kill during a save leaves
+    saved = len(ckpts) == 1 and ckpts[0].name < "ckpt-000003"
+    assert "SIGTERM" in "".join(log) and saved, "".join(log)
+    (tmp_path / "ckpt-000003.safetensors.tmp").write_bytes(b"\0" * 100)  # a kill during a save
     (tmp_path / "ckpt-000099.safetensors").write_bytes(b"garbage")  # e.g. a full disk
-    # --a is the model's (the checkpoint's wins), --log-every is not: both are named, the run stays exact
-    r = train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 2, "--cache", cache, "--resume",
-              "--a", 16, "--log-every", 1)
+    # --a is the model's (the checkpoint's wins), --log-every is not: both named, run stays exact
+    r = train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 2, "--cache", cache,
+              "--resume", "--a", 16, "--log-every", 1)
     assert f"resumed from {ckpts[0]}" in r.stdout, r.stdout
     assert "the checkpoint's model is kept: --a 8 (given 16)" in r.stdout, r.stdout
     assert "changed from the checkpoint's: --log-every 10 -> 1" in r.stdout, r.stdout
     assert losses(tmp_path) == losses(out)[:3]
-    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 0)
+    last = "ckpt-000003.safetensors"
+    close(weights(tmp_path / last), weights(out / last), 0)
 
 
 def test_nonfinite_steps(tiny_model_dir, clips, cache, tmp_path, monkeypatch):
@@ -196,19 +211,22 @@ def test_nonfinite_steps(tiny_model_dir, clips, cache, tmp_path, monkeypatch):
         loss = step_loss(*a)
         return loss * float("nan") if len(calls) in (2, 4, 5) else loss
     monkeypatch.setattr(train_py, "step_loss", nan_at_2_4_5)
-    r = train(tiny_model_dir, clips, tmp_path, "--steps", 8, "--save-every", 1, "--keep", 10, "--cache", cache,
-              "--max-bad-steps", 2, check=False)
+    r = train(tiny_model_dir, clips, tmp_path, "--steps", 8, "--save-every", 1, "--keep", 10,
+              "--cache", cache, "--max-bad-steps", 2, check=False)
     assert r.returncode == 1 and "non-finite steps in a row" in r.stdout, r.stdout + r.stderr
     rec = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in rec] == [0, 1, 1, 2, 3]
-    close(weights(tmp_path / "ckpt-000002.safetensors"), weights(tmp_path / "ckpt-000001.safetensors"), 0)
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [f"ckpt-00000{i}.safetensors" for i in (1, 2, 3, 4)]
+    ckpt = lambda i: tmp_path / f"ckpt-00000{i}.safetensors"
+    close(weights(ckpt(2)), weights(ckpt(1)), 0)
+    kept = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert kept == [f"ckpt-00000{i}.safetensors" for i in (1, 2, 3, 4)]
 
 
 def test_fsdp2_checkpointing(straight, tiny_model_dir, clips, cache, tmp_path):
-    """FSDP2 on CPU/gloo shards the frozen DiT per block; with recomputed activations the result is unchanged."""
+    """FSDP2 on CPU/gloo shards the frozen DiT per block; recomputed activations change nothing."""
     out, _ = straight
-    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache, "--fsdp",
-          "--checkpointing", nproc=2)
+    train(tiny_model_dir, clips, tmp_path, "--steps", 3, "--batch-size", 1, "--cache", cache,
+          "--fsdp", "--checkpointing", nproc=2)
     assert losses(tmp_path) == pytest.approx(losses(out)[:3], rel=1e-5)
-    close(weights(tmp_path / "ckpt-000003.safetensors"), weights(out / "ckpt-000003.safetensors"), 1e-4)
+    last = "ckpt-000003.safetensors"
+    close(weights(tmp_path / last), weights(out / last), 1e-4)

@@ -1,6 +1,6 @@
 """vae.py against diffusers' AutoencoderKLCogVideoX on tiny perturbed random models saved with
-save_pretrained (fp32, CPU): encode (mean, logvar) and decode at several frame counts, tiled and not,
-plus the error cases.  python -m pytest -q tests/test_vae.py"""
+save_pretrained (fp32, CPU): encode (mean, logvar) and decode at several frame counts, tiled and
+not, plus the error cases.  python -m pytest -q tests/test_vae.py"""
 import copy
 import json
 from unittest import mock
@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 import vae as V
 from conftest import TINY_VAE, perturb
 
-# 4 blocks keep the official /8 spatial and /4 temporal compression. sample 96x80 -> tiles of 48x40 pixels
+# 4 blocks keep the official /8 spatial and /4 temporal compression. sample 96x80 -> 48x40 px tiles
 # (6x5 latents), so every tile seam is blended (extent >= 1) in both directions at tiny sizes.
-CFG = dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-           sample_height=96, sample_width=80, scaling_factor=0.7)
+CFG = dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
+           norm_num_groups=4, sample_height=96, sample_width=80, scaling_factor=0.7)
 TOL = 1e-4
 
 
@@ -54,7 +54,8 @@ def test_encode_matches_diffusers(pair, frames):
 @pytest.mark.parametrize("latents", [1, 2, 3, 4, 5, 7])
 def test_decode_matches_diffusers(pair, latents):
     ref, ours = pair
-    z = torch.randn(2 if latents == 3 else 1, 4, latents, 2, 3, generator=torch.Generator().manual_seed(latents))
+    g = torch.Generator().manual_seed(latents)
+    z = torch.randn(2 if latents == 3 else 1, 4, latents, 2, 3, generator=g)
     with torch.no_grad():
         want = ref.decode(z).sample
     got = ours.decode(z)
@@ -65,11 +66,12 @@ def test_decode_matches_diffusers(pair, latents):
 def test_tiled_matches_diffusers(pair):
     ref, ours = pair
     # 2x2 tiles each way; 4 latents = two decode chunks per tile (the caches must restart per tile)
-    x, z = pixels(1, 3, 9, 64, 48), torch.randn(1, 4, 4, 8, 6, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x, z = pixels(1, 3, 9, 64, 48), torch.randn(1, 4, 4, 8, 6, generator=g)
     ref.enable_tiling()
     try:
-        with torch.no_grad(), mock.patch.object(ref, "tiled_encode", wraps=ref.tiled_encode) as te, \
-                mock.patch.object(ref, "tiled_decode", wraps=ref.tiled_decode) as td:
+        spy = lambda name: mock.patch.object(ref, name, wraps=getattr(ref, name))
+        with torch.no_grad(), spy("tiled_encode") as te, spy("tiled_decode") as td:
             post, want = ref.encode(x).latent_dist, ref.decode(z).sample
         assert te.called and td.called  # the reference really tiled
     finally:
@@ -82,18 +84,19 @@ def test_tiled_matches_diffusers(pair):
 
 
 def test_tiled_unaligned_strides(tmp_path):
-    """conftest's TINY_VAE (sample 64x96): encode strides 26/38 pixels are not multiples of 8 (so edge
-    tiles are too), the vertical encode blend extent is 0; the encode follows diffusers there too. 2x2 tiles."""
+    """conftest's TINY_VAE (sample 64x96): encode strides 26/38 pixels are not multiples of 8 (so
+    edge tiles are not), the vertical encode blend extent is 0: still diffusers'. 2x2 tiles."""
     ref, ours = make(tmp_path, TINY_VAE, 5)
-    x, z = pixels(1, 3, 1, 40, 56), torch.randn(1, 4, 1, 5, 7, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    x, z = pixels(1, 3, 1, 40, 56), torch.randn(1, 4, 1, 5, 7, generator=g)
     ref.enable_tiling()
     with torch.no_grad():
         post, want = ref.encode(x).latent_dist, ref.decode(z).sample
     mean, logvar = ours.encode(x, tile=True)
     assert mean.shape == post.mean.shape
     assert rel(mean, post.mean) <= TOL and rel(logvar, post.logvar) <= TOL
-    # Decode tiles of this config do not add up: diffusers silently returns 43x63 pixels for 5x7 latents;
-    # we refuse with a clear error instead.
+    # Decode tiles of this config do not add up: diffusers silently returns 43x63 pixels for 5x7
+    # latents; we refuse with a clear error instead.
     assert list(want.shape[3:]) != [40, 56]
     with pytest.raises(ValueError, match="do not add up"):
         ours.decode(z, tile=True)
@@ -106,12 +109,12 @@ def test_config_properties_and_bf16(pair):
     assert V.VAE(V.presets["tiny"]).spatial_compression == 8
     z = torch.randn(1, 4, 3, 2, 3)
     want = ours.decode(z)
-    got = copy.deepcopy(ours).to(torch.bfloat16).decode(z)  # fp32 input is cast to the weights' dtype
+    got = copy.deepcopy(ours).to(torch.bfloat16).decode(z)  # fp32 input: cast to bf16
     assert got.dtype == torch.bfloat16 and rel(got.float(), want) < 0.05
 
 
 def test_official_topology_keys_and_shapes():
-    """The full-size preset (built on meta, free) has exactly diffusers' keys and shapes (spec §2.2, §5.7)."""
+    """The full-size preset (on meta) has exactly diffusers' keys and shapes (§2.2, §5.7)."""
     from diffusers import AutoencoderKLCogVideoX
     with torch.device("meta"):
         ours, ref = V.VAE(V.presets["cogvideox"]), AutoencoderKLCogVideoX()
@@ -121,7 +124,7 @@ def test_official_topology_keys_and_shapes():
 
 
 def test_chunking_is_causal(pair):
-    """The first 9-frame chunk sees nothing later: its latents don't change when frames are appended."""
+    """The first 9-frame chunk sees nothing later: appending frames leaves its latents unchanged."""
     _, ours = pair
     x = pixels(1, 3, 17, 16, 16)
     assert torch.equal(ours.encode(x[:, :, :9])[0], ours.encode(x)[0][:, :, :3])

@@ -57,7 +57,7 @@ class Cache:
         root, built = self.root, self.settings.get("model", "?")
         if "vae" not in self.settings:
             raise ValueError(f"--cache {root}: an older data.py built it and did not record the model: rebuild it")
-        want, have = common.depends(mdir), dict(vae=self.settings["vae"], text=self.text_model)
+        want, have = common.depends(mdir), dict(vae=self.settings["vae"], text=getattr(self, "text_model", None))
         if bad := [k for k in ("vae", "text") if have[k] != want[k]]:
             what = " and ".join({"vae": "VAE", "text": "text encoder/tokenizer"}[k] for k in bad)
             raise ValueError(f"--cache {root} was built with another {what} than --model {mdir} "

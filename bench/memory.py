@@ -155,7 +155,7 @@ class Tracker(TorchDispatchMode):
                 self.flops += sdpa_flop_count(*(t.shape for t in args[:3]))
             elif packet in flop_registry:
                 self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-            if not func.is_view:
+            if not func.is_view and func.namespace != "prim":  # prim.device & co. read metadata only
                 ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
                 self.moved += sum(t.numel() * t.element_size() for t in ins + outs)
         return out

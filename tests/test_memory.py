@@ -13,6 +13,7 @@ import memory  # noqa: E402
 import hypernet  # noqa: E402
 import linear  # noqa: E402
 import model  # noqa: E402
+import offload  # noqa: E402
 
 # Bigger than the tiny preset so activations, not bookkeeping, dominate; no learned table (any size works).
 CFG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=4, time_embed_dim=32,
@@ -99,29 +100,72 @@ def test_gelu_linear_is_autograd_bit_for_bit():
         assert torch.equal(y1, y2) and torch.equal(h1.grad, h2.grad), dt
 
 
-def test_checkpointing_changes_no_number():
-    """train.wrap --checkpointing (DiT blocks, hypernet blocks and the whole Video2LoRA call, nested) against
-    --no-checkpointing: the same loss and every gradient bit for bit."""
+def tiny_train_step(*flags, host=None):
+    """(loss, {name: grad}) of one train.wrap'd step of the tiny DiT + Video2LoRA (fixed seed) with these flags.
+    host: a list that gets (weakref of the device tensor, its host copy) for each offload.to_host call; the copies
+    are then real copies (a second 'device' on the CPU, where to_host is otherwise a no-op), and the weakrefs are
+    checked dead between forward and backward."""
     import copy
     import contextlib
     import train
+    import weakref
     torch.manual_seed(0)
     base = model.DiT(model.presets["tiny"]).eval().requires_grad_(False)
-    v0 = hypernet.Video2LoRA(base, "tiny", a=8, b=4)
+    v2l = hypernet.Video2LoRA(base, "tiny", a=8, b=4)
     with torch.no_grad():  # B_pred != 0, so every parameter gets a gradient
-        v0.hypernet.head_B.weight.normal_(std=0.1)
+        v2l.hypernet.head_B.weight.normal_(std=0.1)
     batch = (torch.randn(2, 3, 8, 8, 12), torch.randn(2, 226, 32), torch.tensor([999, 10]), None,
              torch.randn(2, 3, 4, 8, 12), torch.randn(2, 3, 4, 8, 12))
-    out = []
-    for flag in ("--checkpointing", "--no-checkpointing"):
-        dit, v2l = copy.deepcopy(base), copy.deepcopy(v0)
-        train.wrap(dit, memory.train_args("-", flag), torch.float32, v2l)
+    dit = copy.deepcopy(base)
+    train.wrap(dit, memory.train_args("-", *flags), torch.float32, v2l)
+    copies = offload.to_host, offload.to_device
+    if host is not None:
+        offload.to_host = lambda t: host.append((weakref.ref(t), t.clone())) or host[-1][1]
+        offload.to_device = lambda t, device: t.clone()
+    try:
         loss = train.step_loss(v2l, dit, batch, contextlib.nullcontext())
+        assert host is None or all(ref() is None for ref, _ in host)  # only the host copies wait for backward
         loss.backward()
-        out.append((loss.detach(), {n: p.grad for n, p in v2l.named_parameters()}))
-    (l1, g1), (l2, g2) = out
-    assert torch.equal(l1, l2)
-    assert all(g1[k].abs().sum() > 0 and torch.equal(g1[k], g2[k]) for k in g1)
+    finally:
+        offload.to_host, offload.to_device = copies
+    return loss.detach(), {n: p.grad for n, p in v2l.named_parameters()}
+
+
+def test_checkpointing_changes_no_number():
+    """train.wrap --checkpointing (DiT blocks, hypernet blocks and the whole Video2LoRA call, nested), with and
+    without --offload-activations, against --no-checkpointing: the same loss and every gradient bit for bit.
+    With the block inputs really copied (host=...): each block's x and c go to the host once, and no device copy
+    outlives the forward."""
+    l0, g0 = tiny_train_step("--no-checkpointing")
+    host = []
+    for flags, kw in ((("--checkpointing",), {}), (("--offload-activations",), {}),
+                      (("--offload-activations",), dict(host=host))):
+        l1, g1 = tiny_train_step(*flags, **kw)
+        assert torch.equal(l0, l1), flags
+        assert all(g0[k].abs().sum() > 0 and torch.equal(g0[k], g1[k]) for k in g0), flags
+    assert len(host) == 2 * model.presets["tiny"].num_layers  # x and c of each block
+
+
+def test_offload_activations_in_the_estimate():
+    """bench/memory.py's model of --offload-activations: after the forward, the checkpointed block inputs (x and c
+    of every block) are host memory, so the device holds exactly their bytes less than with --checkpointing."""
+    import contextlib
+    import train
+    live = {}
+    for flag in ("--checkpointing", "--offload-activations"):
+        with memory.fake() as (_, tr):
+            dit = memory.materialise(model.DiT(model.presets["tiny"])).eval().requires_grad_(False)
+            v2l = hypernet.Video2LoRA(dit, "tiny", a=8, b=4)
+            train.wrap(dit, memory.train_args("-", flag), torch.float32, v2l)
+            batch = (torch.empty(1, 3, 8, 8, 12), torch.empty(1, 226, 32), torch.tensor([999]), None,
+                     torch.empty(1, 3, 4, 8, 12), torch.empty(1, 3, 4, 8, 12))
+            base = tr.live
+            loss = train.step_loss(v2l, dit, batch, contextlib.nullcontext())
+            live[flag] = tr.live - base
+            loss.backward()
+    cfg = model.presets["tiny"]
+    S = cfg.max_text_seq_length + 3 * (8 // 2) * (12 // 2)  # text + video tokens
+    assert live["--checkpointing"] - live["--offload-activations"] == cfg.num_layers * S * cfg.inner_dim * 4
 
 
 def fp8_models():
@@ -189,11 +233,15 @@ def test_fp8_storage_error_against_bf16():
     assert rel(l_8, l_bf) < 1e-4 and 0 < rel(g_8, g_bf) < 5e-2
 
 
-def test_fp8_storage_with_fsdp_is_refused(capsys):
+def test_refused_combinations(capsys):
     import train
     assert train.main(["--model", "-", "--data", "-", "--out", "-", "--fp8-storage", "--fsdp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --fp8-storage and --fsdp cannot be combined: pick one"]
+    assert train.main(["--model", "-", "--data", "-", "--out", "-", "--offload-activations", "--no-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --offload-activations keeps checkpointed activations in host memory: drop "
+                   "--no-checkpointing"]
 
 
 def test_fp8_storage_in_sample_cli(tiny_model_dir, tmp_path):

@@ -276,9 +276,33 @@ def sizes(dit, vae):
 # ---------------------------------------------------------------------------------------------------------
 # sample.py
 
+@contextlib.contextmanager
+def streamed(tr):
+    """offload.BlockStream as the tracker sees it (on fake CPU tensors its copies move nothing): a block's tensors
+    count from its fetch until its drop."""
+    S = offload.BlockStream
+    fetch, drop = S.fetch, S.drop
+
+    def fetch_(s, i):
+        new = i < len(s.tensors) and i not in s.ready
+        fetch(s, i)
+        if new:
+            tr.host(s.tensors[i], on_host=False)
+
+    def drop_(s, i):
+        drop(s, i)
+        tr.host(s.tensors[i])
+    S.fetch, S.drop = fetch_, drop_
+    try:
+        yield
+    finally:
+        S.fetch, S.drop = fetch, drop
+
+
 def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16, fp8=False):
-    """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them."""
-    with fake() as (_, tr):
+    """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them. offload: False,
+    True (--offload) or "blocks" (--offload-blocks)."""
+    with fake() as (_, tr), streamed(tr):
         dit, vae, t5, sched = load_models(mdir, dtype)
         if fp8:  # as sample.load
             linear.store_fp8(dit)
@@ -292,6 +316,9 @@ def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=t
                 if self.offload:  # sample.Pipeline moves `module` to the device and the others to the host
                     for m in frozen:
                         tr.host(list(m.parameters()) + list(m.buffers()), m is not module)
+                    for st in self.streams:  # except streamed blocks (offload.move): on the host until fetched
+                        for i in range(len(st.tensors)):
+                            st.drop(i)
                 tr.reset_peak()
                 # the moves are the host() calls above; module.to on fake CPU tensors would move nothing (and
                 # cannot swap float8 parameters that the tracker watches)
@@ -519,13 +546,14 @@ def main(argv=None):
         tf, gb, pk = dit_cost(args.model)
         print(f"DiT forward, CFG batch 2 + LoRA: {tf:.1f} TFLOP, {gb:.1f} GB moved, peak {pk:.2f} GiB\n", flush=True)
     if args.only in (None, "sample"):
-        print("| sample.py | text | image encode | denoise | decode | ref->lora |\n|---|---|---|---|---|---|")
+        print("| sample.py | text | image encode | denoise | decode | ref->lora | run |\n|---|---|---|---|---|---|---|")
         for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae"),
-                      ("--offload", "--tile-vae", "--fp8-storage")):
-            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps,
-                              fp8="--fp8-storage" in flags)
+                      ("--offload", "--tile-vae", "--fp8-storage"), ("--offload-blocks", "--tile-vae")):
+            off = "blocks" if "--offload-blocks" in flags else "--offload" in flags
+            pk = sample_peaks(args.model, off, "--tile-vae" in flags, steps=args.steps, fp8="--fp8-storage" in flags)
             print(f"| {' '.join(flags) or '(default)'} | " + " | ".join(
-                f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) + " |", flush=True)
+                f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) +
+                f" | {max(pk.values()):.2f} |", flush=True)
         print()
     if args.only in (None, "train"):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")

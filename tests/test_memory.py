@@ -290,26 +290,48 @@ def test_fp8_training_keeps_float8_for_backward():
             assert [t.dtype for t in saved if t.shape == w.shape] == [torch.float8_e4m3fn]
 
 
-def test_fsdp_per_rank_model(tiny_model_dir, tmp_path):
-    """--fsdp N per rank (Tracker.shard): the blocks' weights count 1/N, plus two blocks all-gathered at a time,
-    plus DDP's fp32 gradient buckets for Video2LoRA; everything else as in one process."""
+def six_blocks(tiny_model_dir, tmp_path):
+    """The tiny model folder's config.json files with 6 DiT and 6 T5 blocks (the estimator needs no weights)."""
     import json
     import shutil
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         shutil.copytree(tiny_model_dir / sub, tmp_path / sub, ignore=lambda d, names: [
             n for n in names if not n.endswith(".json")])
-    cfg = json.loads((tmp_path / "transformer" / "config.json").read_text())
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(cfg, num_layers=6)))
+    for sub in ("transformer", "text_encoder"):
+        cfg = json.loads((tmp_path / sub / "config.json").read_text())
+        (tmp_path / sub / "config.json").write_text(json.dumps(dict(cfg, num_layers=6)))
+    return [model.read_config(tmp_path / sub) for sub in ("transformer", "text_encoder")]
+
+
+def test_fsdp_per_rank_model(tiny_model_dir, tmp_path):
+    """--fsdp N per rank (Tracker.shard): the blocks' weights count 1/N, plus two blocks all-gathered at a time,
+    plus DDP's fp32 gradient buckets for Video2LoRA; everything else as in one process."""
+    cfg, _ = six_blocks(tiny_model_dir, tmp_path)
     f32, flags, GiB = torch.float32, ("--checkpointing", "--cache", "-"), memory.GiB
     one = memory.train_peaks(tmp_path, flags, steps=1, dtype=f32)[0]
     per_rank = memory.train_peaks(tmp_path, flags + ("--fsdp",), steps=1, dtype=f32, ranks=3)[0]
     with torch.device("meta"):
-        dit = model.DiT(model.DiTConfig.from_dict(cfg | dict(num_layers=6)))
+        dit = model.DiT(model.DiTConfig.from_dict(cfg))
         v2l = hypernet.Video2LoRA(dit, "default")
     block = sum(p.numel() * 4 for p in dit.transformer_blocks[0].parameters())
     buckets = sum(p.numel() * 4 for p in v2l.parameters())
     want = one - (6 * block - 6 * block / 3 - 2 * block - buckets) / GiB
     assert per_rank == pytest.approx(want, rel=1e-3), (one, per_rank, want)
+
+
+def test_offload_blocks_model(tiny_model_dir, tmp_path):
+    """sample.py --offload-blocks in the estimate (offload.BlockStream as bench/memory.streamed counts it): the
+    denoise stage holds two of the DiT's 6 blocks (the running one and the next) where --offload holds all 6; the
+    text stage at most two of T5's; the VAE's stages are --offload's."""
+    cfg, tcfg = six_blocks(tiny_model_dir, tmp_path)
+    off = memory.sample_peaks(tmp_path, True, dtype=torch.float32)
+    blocks = memory.sample_peaks(tmp_path, "blocks", dtype=torch.float32)
+    with torch.device("meta"):
+        dit, t5 = model.DiT(model.DiTConfig.from_dict(cfg)), model.T5Encoder(model.T5Config.from_dict(tcfg))
+    size = lambda m: sum(p.numel() * 4 for p in m.parameters()) / memory.GiB
+    assert off["denoise"] - blocks["denoise"] == pytest.approx(4 * size(dit.transformer_blocks[0]), rel=1e-6)
+    assert 4 * size(t5.encoder.block[1]) <= off["text"] - blocks["text"] + 1e-12
+    assert all(off[k] == blocks[k] for k in ("image encode", "decode", "ref->lora"))
 
 
 def test_rope_in_chunks_is_bit_for_bit():

@@ -11,8 +11,9 @@ import torch.utils.checkpoint
 
 
 def to_host(t):
-    """t in host memory. From CUDA a non_blocking copy lands in pinned memory (aten's _to_copy pins the destination
-    of an asynchronous copy to the CPU), so it overlaps nothing but blocks nothing either; on the CPU, t itself."""
+    """t in host memory. From CUDA, a non_blocking copy lands in pinned memory (aten's _to_copy pins the destination
+    of an asynchronous copy to the CPU): the host does not wait for it, and the GPU runs it in stream order between
+    the kernels around it. On the CPU, t itself."""
     return t.to("cpu", non_blocking=True)
 
 
@@ -25,8 +26,8 @@ def checkpoint(fn, x, c, *rest, on_host=False, **kw):
     x and c (video and text tokens) that it keeps for the recompute wait in host memory. Checkpoint keeps its
     inputs as saved tensors made before its own saved-tensor hooks take over (torch/utils/checkpoint.py,
     _CheckpointFrame.save_inputs), so hooks opened around it see exactly those: x and c are packed to the host
-    (the device copies die with the forward's last use) and unpacked to the device when backward recomputes the
-    block. Gradients never leave the device (this is not the input of the graph, only its saved copy)."""
+    (the device tensors die with the forward's last use of them) and unpacked to the device when backward
+    recomputes the block. Only that saved copy moves: the graph and the gradients stay on the device."""
     if not on_host:
         return torch.utils.checkpoint.checkpoint(fn, x, c, *rest, use_reentrant=False, **kw)
 

@@ -267,6 +267,14 @@ def apply_rope(x, cos, sin):
     return xf.mul_(cos).add_(rot).to(x.dtype)
 
 
+def rope_(x, cos, sin, L, chunk=4096):
+    """x[:, L:] = apply_rope(x[:, L:], cos, sin), in place, `chunk` tokens at a time: the same elementwise maths,
+    but apply_rope's fp32 temporaries (2.5x the rotated part in fp32) exist for one chunk only (at 5B-I2V with CFG
+    1.0 GiB for all 17 550 video tokens at once, more than any other activation of a block in inference)."""
+    for s in range(0, x.shape[1] - L, chunk):
+        x[:, L + s:L + s + chunk] = apply_rope(x[:, L + s:L + s + chunk], cos[s:s + chunk], sin[s:s + chunk])
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -368,8 +376,8 @@ class Block(nn.Module):
         v = lora_linear(a.to_v, h, ab("attn1.to_v")).view(B, S, self.heads, -1)
         del h  # the dels free each activation once read (in inference; autograd keeps what backward needs)
         if rope is not None:  # video tokens only; in place, as LayerNorm's backward keeps its input, not output
-            q[:, L:] = apply_rope(q[:, L:], *rope)
-            k[:, L:] = apply_rope(k[:, L:], *rope)
+            rope_(q, *rope, L)
+            rope_(k, *rope, L)
         o = (attend or attention)(q, k, v, L)
         del q, k, v
         o = lora_linear(a.to_out[0], o.reshape(B, S, D), ab("attn1.to_out.0"))

@@ -1,7 +1,7 @@
 """Image-to-video with the effect of a reference video: CogVideoX schedulers, the I2V pipeline, the CLI.
 
     python sample.py ref.mp4 img.png --prompt "..." [--model DIR] [--ckpt hypernet.safetensors] [--out out.mp4]
-        [--ref more.mp4:0.5] [--offload] [--tile-vae] [--scheduler dpm --dynamic-cfg] ...   (python sample.py -h)
+        [--ref more.mp4:0.5] [--offload | --offload-blocks] [--tile-vae] [--scheduler dpm --dynamic-cfg] ... (-h)
     python sample.py ref.mp4 img.png --save-lora fx.safetensors     # keep the LoRA the hypernetwork predicted ...
     python sample.py other.png --lora fx.safetensors                # ... and reuse it without the hypernetwork
     torchrun --nproc_per_node 8 sample.py ref.mp4 img.png --compile --cache-threshold   # one video, 8 GPUs (fast.py)
@@ -29,7 +29,7 @@ import hypernet
 import lightlora
 import model
 import vae as vae_lib
-from diffusion import alphas_cumprod
+from offload import move, stream_blocks
 
 # ---- Schedulers: diffusers' schedulers/scheduling_ddim_cogvideox.py and scheduling_dpm_cogvideox.py (SAT's
 # samplers). Scalars stay 0-dim float64 tensors indexed from the table as there, so latents keep their bits.
@@ -81,9 +81,10 @@ def dynamic_guidance(g, t, steps):
 # ---- Pipeline: diffusers' pipelines/cogvideo/pipeline_cogvideox_image2video.py, plus a reference video's LoRA
 class Pipeline:
     """The frozen I2V model (DiT, VAE, T5, tokenizer, scheduler config) + an optional Video2LoRA (small: it stays on
-    the device). offload: the frozen models live on the CPU, each on the device only while its stage runs. tile_vae:
-    diffusers' tiled decode. parallel: a fast.Parallel (torchrun): the ranks share each DiT call, rank 0 decodes
-    (the others' generate returns None). verbose: a line per slow stage. Build it with keywords, or load()."""
+    the device). offload: the frozen models live on the CPU, each on the device only while its stage runs; "blocks":
+    the DiT's and T5's blocks too come one at a time, one block ahead (offload.BlockStream). tile_vae: diffusers'
+    tiled decode. parallel: a fast.Parallel (torchrun): the ranks share each DiT call, rank 0 decodes (the others'
+    generate returns None). verbose: a line per slow stage. Build it with keywords, or load()."""
 
     def __init__(self, dit, vae, t5, tok, sched_cfg, v2l=None, device="cuda", dtype=torch.bfloat16, offload=False,
                  tile_vae=False, parallel=None, verbose=False):
@@ -91,6 +92,7 @@ class Pipeline:
         self.device, self.dtype, self.offload, self.tile_vae = torch.device(device), dtype, offload, tile_vae
         self.parallel, self.verbose = parallel, verbose
         self.times, self.cache = {}, None  # seconds per stage of the last call; its fast.StepCache
+        self.streams = stream_blocks(dit, t5, self.device) if offload == "blocks" else []
 
     @contextmanager
     def _stage(self, name, module=None):
@@ -99,7 +101,7 @@ class Pipeline:
         if say:
             print(f"{name} ...", end="", flush=True)
         if self.offload and module is not None:
-            module.to(self.device)
+            move(module, self.device)
         t0 = time.perf_counter()
         try:
             yield
@@ -110,7 +112,7 @@ class Pipeline:
             if say:
                 print(f" {time.perf_counter() - t0:.1f} s", flush=True)
             if self.offload and module is not None:
-                module.to("cpu")
+                move(module, "cpu")
 
     def _encode(self, x):  # [B,3,F,H,W] in [0,1] -> the VAE posterior (mean, logvar [clamped]), [B,C,F',h,w]
         return self.vae.encode((2.0 * x - 1.0).to(self.device, self.dtype))
@@ -170,7 +172,7 @@ class Pipeline:
         z_img = diffusion.image_condition(z, shape[1])
         x = torch.randn(shape, generator=g, dtype=dt).to(dev)
         ofs = x.new_full((1,), 2.0) if c.ofs_embed_dim else None
-        A, T = alphas_cumprod(self.sched_cfg), self.sched_cfg.get("num_train_timesteps", 1000)
+        A, T = diffusion.alphas_cumprod(self.sched_cfg), self.sched_cfg.get("num_train_timesteps", 1000)
         ts, old = trailing_timesteps(steps, T), None
         self.cache = fast.StepCache(cache_threshold) if cache_threshold > 0 else None
 
@@ -203,19 +205,15 @@ def load(model_dir, dtype=torch.bfloat16, device="cuda", ckpt=None, offload=Fals
     """An official I2V folder (transformer/ vae/ text_encoder/ ...) [+ hypernet ckpt]; fp8: linear.store_fp8."""
     d, home, v2l = Path(model_dir), "cpu" if offload else device, None
     common.check_model_dir(d)
-    say = (lambda what: print(f"loading {what}", flush=True)) if verbose else (lambda what: None)
-    say(d / "transformer")  # 5B: ~11 GB in bf16; T5-XXL's ~9.5 GB next
-    dit = model.load_dit(d / "transformer", dtype, home)
+    say = lambda path: (print(f"loading {path}", flush=True) if verbose else None) or path  # -> path
+    dit = model.load_dit(say(d / "transformer"), dtype, home)  # 5B: ~11 GB in bf16; T5-XXL's ~9.5 GB next
     dit = linear.store_fp8(dit) if fp8 else dit
     if dit.config.in_channels != 2 * dit.config.out_channels:
         raise ValueError(f"{d}: not an image-to-video model (transformer in_channels {dit.config.in_channels})")
     if ckpt is not None:
-        say(ckpt)
-        v2l = hypernet.load(ckpt, dit, device)[0].eval()
-    say(d / "vae")
-    vae = vae_lib.load_vae(d / "vae", dtype, home)
-    say(d / "text_encoder")
-    t5 = model.load_t5(d / "text_encoder", dtype, home)
+        v2l = hypernet.load(say(ckpt), dit, device)[0].eval()
+    vae = vae_lib.load_vae(say(d / "vae"), dtype, home)
+    t5 = model.load_t5(say(d / "text_encoder"), dtype, home)
     if compile:
         fast.compile_blocks(dit)
     sched_cfg = json.loads((d / "scheduler/scheduler_config.json").read_text())
@@ -265,8 +263,8 @@ def run(args):
     device = torch.device(rank_device) if rank_device is not None else device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     say = par is None or par.rank == 0  # progress lines from one process
-    pipe = load(mdir, dtype, device, ckpt if refs else None, args.offload, args.tile_vae, args.compile, par, say,
-                args.fp8_storage)
+    pipe = load(mdir, dtype, device, ckpt if refs else None, "blocks" if args.offload_blocks else args.offload,
+                args.tile_vae, args.compile, par, say, args.fp8_storage)
     if device.type == "cpu" and sum(p.numel() for p in pipe.dit.parameters()) < 50e6:  # e.g. assets/: tiny ops gain
         torch.set_num_threads(1)  # nothing from threads, and OpenMP barriers on a shared CPU cost up to 50x
     scaled = lambda lo: {k: (d, u * args.lora_scale) for k, (d, u) in lo.items()}  # up carries the scale
@@ -329,6 +327,8 @@ def cli():
     arg("--save-lora", metavar="FILE", help="write the LoRA used (the blend) for reuse with --lora")
     arg("--export-lora", metavar="FILE", help="write the LoRA used for diffusers' load_lora_weights")
     arg("--offload", action="store_true", help="keep only the running stage's model (T5, DiT, VAE) on the GPU")
+    arg("--offload-blocks", action="store_true", help="as --offload, and the DiT's and T5's blocks stay in host "
+        "memory, each copied to the GPU one block ahead of use: two on it at a time, the same video, slower")
     arg("--tile-vae", action="store_true", help="decode in tiles (less memory, slightly different)")
     arg("--fp8-storage", action="store_true", help="DiT block weights kept in float8, cast per layer (~5 GiB less)")
     arg("--compile", action="store_true", help="torch.compile each DiT block (the first step pays the compile)")

@@ -35,6 +35,7 @@ import data
 import linear
 import hypernet
 import model
+import offload
 import sample
 import vae as vae_lib
 from diffusion import alphas_cumprod, batch_fn
@@ -93,13 +94,13 @@ p.add_argument("--fsdp", action="store_true", help="shard the frozen DiT per blo
 p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                help="recompute each DiT and hypernetwork block's activations in backward (at 5B a step needs ~3x "
                     "the memory without)")
+p.add_argument("--offload-activations", action="store_true", help="with --checkpointing: each DiT block's input "
+               "waits in host memory until its recompute (-4.3 GiB at 5B-I2V; 2 x 4.6 GB over PCIe per step)")
 p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
 p.add_argument("--fp8-storage", action="store_true", help="keep the frozen DiT blocks' weight matrices in float8 "
-               "(e4m3, scaled by a power of two) and cast each to --dtype just before use: ~5 GiB less at 5B, "
-               "weights rounded to 3 mantissa bits (linear.store_fp8)")
+               "(e4m3 x 2^k, 3 mantissa bits) and cast each to --dtype just before use: ~5 GiB less at 5B (linear.py)")
 p.add_argument("--num-workers", type=num(int, 0), default=2, help="video decoding processes per rank")
-p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; under torchrun the rank's "
-               "own GPU)")
+p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one; under torchrun the rank's GPU)")
 # bf16 is what the 5B models were trained in; on CPU bf16 matmuls are slow and fp32 keeps tests tight.
 p.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen models (default: bf16 on cuda, fp32 on cpu)")
 p.add_argument("--max-bad-steps", type=num(int, 1), default=20, help="stop after this many non-finite steps in a row")
@@ -175,14 +176,13 @@ def wrap(dit, args, dtype, v2l=None):
     hypernetwork's blocks too: over 17.5 K reference tokens x 16 block passes they hold ~5 GiB at 5B."""
     for blk in dit.transformer_blocks:
         if args.checkpointing:  # an instance-level forward keeps module names (and the lora keys) unchanged
-            blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
+            blk.forward = functools.partial(offload.checkpoint, blk.forward, on_host=args.offload_activations)
         if args.compile:
             blk.compile()
-    for blk in v2l.hypernet.blocks if v2l is not None and args.checkpointing else ():
-        blk.forward = functools.partial(torch.utils.checkpoint.checkpoint, blk.forward, use_reentrant=False)
-    if v2l is not None and args.checkpointing:  # and the whole Video2LoRA call around them (nested): its saved
-        # block inputs (0.5 GiB at 5B) are dropped until the fold's backward, which runs after every DiT block's
-        v2l.forward = functools.partial(torch.utils.checkpoint.checkpoint, v2l.forward, use_reentrant=False)
+    if v2l is not None and args.checkpointing:  # the hypernet's blocks and the whole Video2LoRA call around them
+        # (nested): its saved block inputs (0.5 GiB at 5B) are dropped until the fold's backward, after the DiT's
+        for m in [*v2l.hypernet.blocks, v2l]:
+            m.forward = functools.partial(torch.utils.checkpoint.checkpoint, m.forward, use_reentrant=False)
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -211,6 +211,8 @@ def check(args):
         device = common.check_device(f"cuda:{LOCAL}")
     if args.fp8_storage and args.fsdp:  # FSDP2's param_dtype cast would hand lora_linear unscaled bf16 weights
         raise ValueError("--fp8-storage and --fsdp cannot be combined: pick one")
+    if args.offload_activations and not args.checkpointing:
+        raise ValueError("--offload-activations keeps checkpointed activations in host memory: drop --no-checkpointing")
     if args.fsdp and WORLD == 1:
         raise ValueError("--fsdp shards the DiT over processes: run under torchrun with more than one process")
     if args.hypernet not in hypernet.presets:
@@ -357,10 +359,8 @@ def run(args):
         opt.zero_grad(set_to_none=True)
         samples += WORLD * args.batch_size
         dt = time.perf_counter() - t0
-        if device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(device) / 1e9
-        else:
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
         rec = dict(step=step, loss=loss_avg, lr=lr, s_per_step=dt, videos_per_s=WORLD * args.batch_size / dt,
                    mem_gb=mem, grad_norm=gnorm.item(), skipped=skipped)
         if RANK == 0:

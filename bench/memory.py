@@ -3,7 +3,8 @@
     python bench/memory.py                                  # CogVideoX-5B-I2V (bench/configs/), every row
     python bench/memory.py --model DIR                      # any model folder (its config.json files suffice)
     python bench/memory.py --only sample|train|flops        # one part
-    python bench/memory.py --only train --row N             # one train row (TRAIN_ROWS: 4 = --fp8-storage, 5 = --fsdp)
+    python bench/memory.py --only train --row N             # one train row (TRAIN_ROWS: 4 = --fp8-storage, 5 = --fsdp,
+                                                            # 6-8 = 0, 4, 5 with --offload-activations)
     python bench/memory.py --diffusers                      # dev: the same estimator on diffusers' modules
 
 The real code (sample.Pipeline, train.batch_fn / step_loss / wrap / optimizer, the model modules) runs on
@@ -40,6 +41,7 @@ import diffusion  # noqa: E402
 import hypernet  # noqa: E402
 import linear  # noqa: E402
 import model  # noqa: E402
+import offload  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 import vae as vae_lib  # noqa: E402
@@ -59,6 +61,7 @@ class Tracker(TorchDispatchMode):
         self.sizes, self.hosted = {}, set()
         self.live = self.peak = 0
         self.count, self.flops, self.moved = False, 0, 0
+        self.hosting = False  # True while ops make host tensors (offload.to_host as fake() models it)
         # where the bytes are: each storage is labelled with `tag` as it was when the storage was made;
         # `by_tag` = live bytes per label now, `at_peak` = the same at the peak (and `where` = the tag then)
         self.tag, self.by_tag, self.at_peak, self.where = "weights", {}, {}, None
@@ -76,7 +79,10 @@ class Tracker(TorchDispatchMode):
         if key in self.sizes:
             return
         self.sizes[key] = (st.nbytes(), self.tag)
-        self._count(key, st.nbytes())
+        if self.hosting:  # made in host memory: never counted
+            self.hosted.add(key)
+        else:
+            self._count(key, st.nbytes())
         weakref.finalize(st, self._free, key)
 
     def _free(self, key):
@@ -155,7 +161,7 @@ class Tracker(TorchDispatchMode):
                 self.flops += sdpa_flop_count(*(t.shape for t in args[:3]))
             elif packet in flop_registry:
                 self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-            if not func.is_view:
+            if not func.is_view and func.namespace != "prim":  # prim.device & co. read metadata only
                 ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
                 self.moved += sum(t.numel() * t.element_size() for t in ins + outs)
         return out
@@ -214,15 +220,25 @@ sample.trailing_timesteps = on_host(sample.trailing_timesteps)
 @contextlib.contextmanager
 def fake():
     """(FakeTensorMode, Tracker) with CUDA-style autocast; everything built inside counts. Function modes are
-    not active when torch.utils.checkpoint recomputes in backward: its context_fn re-enters CudaAutocast."""
-    ckpt = torch.utils.checkpoint.checkpoint
+    not active when torch.utils.checkpoint recomputes in backward: its context_fn re-enters CudaAutocast. Our fake
+    tensors are CPU tensors, on which offload's copies would be no-ops: here to_host makes a copy the tracker counts
+    as host memory, and to_device one it counts."""
+    ckpt, copies = torch.utils.checkpoint.checkpoint, (offload.to_host, offload.to_device)
     torch.utils.checkpoint.checkpoint = functools.partial(
         ckpt, context_fn=lambda: (contextlib.nullcontext(), CudaAutocast()))
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, CudaAutocast(), Tracker() as tr:
+            def to_host(t):
+                tr.hosting = True
+                try:
+                    return t.clone()
+                finally:
+                    tr.hosting = False
+            offload.to_host, offload.to_device = to_host, lambda t, device: t.clone()
             yield mode, tr
     finally:
         torch.utils.checkpoint.checkpoint = ckpt
+        offload.to_host, offload.to_device = copies
 
 
 def materialise(module, dtype=None):
@@ -260,9 +276,33 @@ def sizes(dit, vae):
 # ---------------------------------------------------------------------------------------------------------
 # sample.py
 
+@contextlib.contextmanager
+def streamed(tr):
+    """offload.BlockStream as the tracker sees it (on fake CPU tensors its copies move nothing): a block's tensors
+    count from its fetch until its drop."""
+    S = offload.BlockStream
+    fetch, drop = S.fetch, S.drop
+
+    def fetch_(s, i):
+        new = i < len(s.tensors) and i not in s.ready
+        fetch(s, i)
+        if new:
+            tr.host(s.tensors[i], on_host=False)
+
+    def drop_(s, i):
+        drop(s, i)
+        tr.host(s.tensors[i])
+    S.fetch, S.drop = fetch_, drop_
+    try:
+        yield
+    finally:
+        S.fetch, S.drop = fetch, drop
+
+
 def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=torch.bfloat16, fp8=False):
-    """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them."""
-    with fake() as (_, tr):
+    """{stage: peak GiB} of sample.Pipeline.generate (+ reference_lora) as sample.py runs them. offload: False,
+    True (--offload) or "blocks" (--offload-blocks)."""
+    with fake() as (_, tr), streamed(tr):
         dit, vae, t5, sched = load_models(mdir, dtype)
         if fp8:  # as sample.load
             linear.store_fp8(dit)
@@ -276,6 +316,9 @@ def sample_peaks(mdir, offload=False, tile_vae=False, ref=True, steps=2, dtype=t
                 if self.offload:  # sample.Pipeline moves `module` to the device and the others to the host
                     for m in frozen:
                         tr.host(list(m.parameters()) + list(m.buffers()), m is not module)
+                    for st in self.streams:  # except streamed blocks (offload.move): on the host until fetched
+                        for i in range(len(st.tensors)):
+                            st.drop(i)
                 tr.reset_peak()
                 # the moves are the host() calls above; module.to on fake CPU tensors would move nothing (and
                 # cannot swap float8 parameters that the tracker watches)
@@ -467,13 +510,19 @@ def diffusers_peaks(mdir, dtype=torch.bfloat16):
 
 # ---------------------------------------------------------------------------------------------------------
 
-TRAIN_ROWS = [("--checkpointing --cache", ("--checkpointing", "--cache", "-")),
+CC, FSDP = ("--checkpointing", "--cache", "-"), "per rank of 8 (modelled)"
+TRAIN_ROWS = [("--checkpointing --cache", CC),
               ("--cache (no checkpointing)", ("--no-checkpointing", "--cache", "-")),
               ("--checkpointing, no cache", ("--checkpointing",)),
               ("no checkpointing, no cache", ("--no-checkpointing",)),
-              ("--checkpointing --cache --fp8-storage", ("--checkpointing", "--cache", "-", "--fp8-storage")),
-              ("--checkpointing --cache --fsdp, per rank of 8 (modelled)", ("--checkpointing", "--cache", "-",
-                                                                            "--fsdp"))]
+              ("--checkpointing --cache --fp8-storage", CC + ("--fp8-storage",)),
+              (f"--checkpointing --cache --fsdp, {FSDP}", CC + ("--fsdp",)),
+              ("--checkpointing --cache --offload-activations", CC + ("--offload-activations",)),
+              ("--checkpointing --cache --fp8-storage --offload-activations",
+               CC + ("--fp8-storage", "--offload-activations")),
+              (f"--checkpointing --cache --fsdp --offload-activations, {FSDP}",
+               CC + ("--fsdp", "--offload-activations"))]
+STEP2 = (0, 4, 5, 6, 7, 8)  # rows also run for a second step (AdamW's state)
 
 
 def main(argv=None):
@@ -497,20 +546,21 @@ def main(argv=None):
         tf, gb, pk = dit_cost(args.model)
         print(f"DiT forward, CFG batch 2 + LoRA: {tf:.1f} TFLOP, {gb:.1f} GB moved, peak {pk:.2f} GiB\n", flush=True)
     if args.only in (None, "sample"):
-        print("| sample.py | text | image encode | denoise | decode | ref->lora |\n|---|---|---|---|---|---|")
+        print("| sample.py | text | image encode | denoise | decode | ref->lora | run |\n|---|---|---|---|---|---|---|")
         for flags in ((), ("--tile-vae",), ("--offload",), ("--offload", "--tile-vae"),
-                      ("--offload", "--tile-vae", "--fp8-storage")):
-            pk = sample_peaks(args.model, "--offload" in flags, "--tile-vae" in flags, steps=args.steps,
-                              fp8="--fp8-storage" in flags)
+                      ("--offload", "--tile-vae", "--fp8-storage"), ("--offload-blocks", "--tile-vae")):
+            off = "blocks" if "--offload-blocks" in flags else "--offload" in flags
+            pk = sample_peaks(args.model, off, "--tile-vae" in flags, steps=args.steps, fp8="--fp8-storage" in flags)
             print(f"| {' '.join(flags) or '(default)'} | " + " | ".join(
-                f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) + " |", flush=True)
+                f"{pk[k]:.2f}" for k in ("text", "image encode", "denoise", "decode", "ref->lora")) +
+                f" | {max(pk.values()):.2f} |", flush=True)
         print()
     if args.only in (None, "train"):
         print("| train.py, batch 1 | step 1 | step 2 |\n|---|---|---|")
         for i, (label, flags) in enumerate(TRAIN_ROWS):
-            if args.row is None or args.row == i:  # step 2 adds AdamW's state: rows 0, 4, 5
+            if args.row is None or args.row == i:
                 where = []
-                pk = train_peaks(args.model, flags, steps=2 if i in (0, 4, 5) else 1, breakdown=where) + ["-"]
+                pk = train_peaks(args.model, flags, steps=2 if i in STEP2 else 1, breakdown=where) + ["-"]
                 print(f"| {label} | " + " | ".join(f"{v:.2f}" if v != "-" else v for v in pk[:2]) + " |", flush=True)
                 print("  " + where[-1], file=sys.stderr, flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} thread)")

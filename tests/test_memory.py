@@ -13,6 +13,7 @@ import memory  # noqa: E402
 import hypernet  # noqa: E402
 import linear  # noqa: E402
 import model  # noqa: E402
+import offload  # noqa: E402
 
 # Bigger than the tiny preset so activations, not bookkeeping, dominate; no learned table (any size works).
 CFG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=4, time_embed_dim=32,
@@ -99,29 +100,72 @@ def test_gelu_linear_is_autograd_bit_for_bit():
         assert torch.equal(y1, y2) and torch.equal(h1.grad, h2.grad), dt
 
 
-def test_checkpointing_changes_no_number():
-    """train.wrap --checkpointing (DiT blocks, hypernet blocks and the whole Video2LoRA call, nested) against
-    --no-checkpointing: the same loss and every gradient bit for bit."""
+def tiny_train_step(*flags, host=None):
+    """(loss, {name: grad}) of one train.wrap'd step of the tiny DiT + Video2LoRA (fixed seed) with these flags.
+    host: a list that gets (weakref of the device tensor, its host copy) for each offload.to_host call; the copies
+    are then real copies (a second 'device' on the CPU, where to_host is otherwise a no-op), and the weakrefs are
+    checked dead between forward and backward."""
     import copy
     import contextlib
     import train
+    import weakref
     torch.manual_seed(0)
     base = model.DiT(model.presets["tiny"]).eval().requires_grad_(False)
-    v0 = hypernet.Video2LoRA(base, "tiny", a=8, b=4)
+    v2l = hypernet.Video2LoRA(base, "tiny", a=8, b=4)
     with torch.no_grad():  # B_pred != 0, so every parameter gets a gradient
-        v0.hypernet.head_B.weight.normal_(std=0.1)
+        v2l.hypernet.head_B.weight.normal_(std=0.1)
     batch = (torch.randn(2, 3, 8, 8, 12), torch.randn(2, 226, 32), torch.tensor([999, 10]), None,
              torch.randn(2, 3, 4, 8, 12), torch.randn(2, 3, 4, 8, 12))
-    out = []
-    for flag in ("--checkpointing", "--no-checkpointing"):
-        dit, v2l = copy.deepcopy(base), copy.deepcopy(v0)
-        train.wrap(dit, memory.train_args("-", flag), torch.float32, v2l)
+    dit = copy.deepcopy(base)
+    train.wrap(dit, memory.train_args("-", *flags), torch.float32, v2l)
+    copies = offload.to_host, offload.to_device
+    if host is not None:
+        offload.to_host = lambda t: host.append((weakref.ref(t), t.clone())) or host[-1][1]
+        offload.to_device = lambda t, device: t.clone()
+    try:
         loss = train.step_loss(v2l, dit, batch, contextlib.nullcontext())
+        assert host is None or all(ref() is None for ref, _ in host)  # only the host copies wait for backward
         loss.backward()
-        out.append((loss.detach(), {n: p.grad for n, p in v2l.named_parameters()}))
-    (l1, g1), (l2, g2) = out
-    assert torch.equal(l1, l2)
-    assert all(g1[k].abs().sum() > 0 and torch.equal(g1[k], g2[k]) for k in g1)
+    finally:
+        offload.to_host, offload.to_device = copies
+    return loss.detach(), {n: p.grad for n, p in v2l.named_parameters()}
+
+
+def test_checkpointing_changes_no_number():
+    """train.wrap --checkpointing (DiT blocks, hypernet blocks and the whole Video2LoRA call, nested), with and
+    without --offload-activations, against --no-checkpointing: the same loss and every gradient bit for bit.
+    With the block inputs really copied (host=...): each block's x and c go to the host once, and no device copy
+    outlives the forward."""
+    l0, g0 = tiny_train_step("--no-checkpointing")
+    host = []
+    for flags, kw in ((("--checkpointing",), {}), (("--offload-activations",), {}),
+                      (("--offload-activations",), dict(host=host))):
+        l1, g1 = tiny_train_step(*flags, **kw)
+        assert torch.equal(l0, l1), flags
+        assert all(g0[k].abs().sum() > 0 and torch.equal(g0[k], g1[k]) for k in g0), flags
+    assert len(host) == 2 * model.presets["tiny"].num_layers  # x and c of each block
+
+
+def test_offload_activations_in_the_estimate():
+    """bench/memory.py's model of --offload-activations: after the forward, the checkpointed block inputs (x and c
+    of every block) are host memory, so the device holds exactly their bytes less than with --checkpointing."""
+    import contextlib
+    import train
+    live = {}
+    for flag in ("--checkpointing", "--offload-activations"):
+        with memory.fake() as (_, tr):
+            dit = memory.materialise(model.DiT(model.presets["tiny"])).eval().requires_grad_(False)
+            v2l = hypernet.Video2LoRA(dit, "tiny", a=8, b=4)
+            train.wrap(dit, memory.train_args("-", flag), torch.float32, v2l)
+            batch = (torch.empty(1, 3, 8, 8, 12), torch.empty(1, 226, 32), torch.tensor([999]), None,
+                     torch.empty(1, 3, 4, 8, 12), torch.empty(1, 3, 4, 8, 12))
+            base = tr.live
+            loss = train.step_loss(v2l, dit, batch, contextlib.nullcontext())
+            live[flag] = tr.live - base
+            loss.backward()
+    cfg = model.presets["tiny"]
+    S = cfg.max_text_seq_length + 3 * (8 // 2) * (12 // 2)  # text + video tokens
+    assert live["--checkpointing"] - live["--offload-activations"] == cfg.num_layers * S * cfg.inner_dim * 4
 
 
 def fp8_models():
@@ -189,11 +233,15 @@ def test_fp8_storage_error_against_bf16():
     assert rel(l_8, l_bf) < 1e-4 and 0 < rel(g_8, g_bf) < 5e-2
 
 
-def test_fp8_storage_with_fsdp_is_refused(capsys):
+def test_refused_combinations(capsys):
     import train
     assert train.main(["--model", "-", "--data", "-", "--out", "-", "--fp8-storage", "--fsdp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --fp8-storage and --fsdp cannot be combined: pick one"]
+    assert train.main(["--model", "-", "--data", "-", "--out", "-", "--offload-activations", "--no-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --offload-activations keeps checkpointed activations in host memory: drop "
+                   "--no-checkpointing"]
 
 
 def test_fp8_storage_in_sample_cli(tiny_model_dir, tmp_path):
@@ -242,23 +290,70 @@ def test_fp8_training_keeps_float8_for_backward():
             assert [t.dtype for t in saved if t.shape == w.shape] == [torch.float8_e4m3fn]
 
 
-def test_fsdp_per_rank_model(tiny_model_dir, tmp_path):
-    """--fsdp N per rank (Tracker.shard): the blocks' weights count 1/N, plus two blocks all-gathered at a time,
-    plus DDP's fp32 gradient buckets for Video2LoRA; everything else as in one process."""
+def six_blocks(tiny_model_dir, tmp_path):
+    """The tiny model folder's config.json files with 6 DiT and 6 T5 blocks (the estimator needs no weights)."""
     import json
     import shutil
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         shutil.copytree(tiny_model_dir / sub, tmp_path / sub, ignore=lambda d, names: [
             n for n in names if not n.endswith(".json")])
-    cfg = json.loads((tmp_path / "transformer" / "config.json").read_text())
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(cfg, num_layers=6)))
+    for sub in ("transformer", "text_encoder"):
+        cfg = json.loads((tmp_path / sub / "config.json").read_text())
+        (tmp_path / sub / "config.json").write_text(json.dumps(dict(cfg, num_layers=6)))
+    return [model.read_config(tmp_path / sub) for sub in ("transformer", "text_encoder")]
+
+
+def test_fsdp_per_rank_model(tiny_model_dir, tmp_path):
+    """--fsdp N per rank (Tracker.shard): the blocks' weights count 1/N, plus two blocks all-gathered at a time,
+    plus DDP's fp32 gradient buckets for Video2LoRA; everything else as in one process."""
+    cfg, _ = six_blocks(tiny_model_dir, tmp_path)
     f32, flags, GiB = torch.float32, ("--checkpointing", "--cache", "-"), memory.GiB
     one = memory.train_peaks(tmp_path, flags, steps=1, dtype=f32)[0]
     per_rank = memory.train_peaks(tmp_path, flags + ("--fsdp",), steps=1, dtype=f32, ranks=3)[0]
     with torch.device("meta"):
-        dit = model.DiT(model.DiTConfig.from_dict(cfg | dict(num_layers=6)))
+        dit = model.DiT(model.DiTConfig.from_dict(cfg))
         v2l = hypernet.Video2LoRA(dit, "default")
     block = sum(p.numel() * 4 for p in dit.transformer_blocks[0].parameters())
     buckets = sum(p.numel() * 4 for p in v2l.parameters())
     want = one - (6 * block - 6 * block / 3 - 2 * block - buckets) / GiB
     assert per_rank == pytest.approx(want, rel=1e-3), (one, per_rank, want)
+
+
+def test_offload_blocks_model(tiny_model_dir, tmp_path):
+    """sample.py --offload-blocks in the estimate (offload.BlockStream as bench/memory.streamed counts it): the
+    denoise stage holds two of the DiT's 6 blocks (the running one and the next) where --offload holds all 6; the
+    text stage at most two of T5's; the VAE's stages are --offload's."""
+    cfg, tcfg = six_blocks(tiny_model_dir, tmp_path)
+    off = memory.sample_peaks(tmp_path, True, dtype=torch.float32)
+    blocks = memory.sample_peaks(tmp_path, "blocks", dtype=torch.float32)
+    with torch.device("meta"):
+        dit, t5 = model.DiT(model.DiTConfig.from_dict(cfg)), model.T5Encoder(model.T5Config.from_dict(tcfg))
+    size = lambda m: sum(p.numel() * 4 for p in m.parameters()) / memory.GiB
+    assert off["denoise"] - blocks["denoise"] == pytest.approx(4 * size(dit.transformer_blocks[0]), rel=1e-6)
+    assert 4 * size(t5.encoder.block[1]) <= off["text"] - blocks["text"] + 1e-12
+    assert all(off[k] == blocks[k] for k in ("image encode", "decode", "ref->lora"))
+
+
+def test_rope_in_chunks_is_bit_for_bit():
+    """model.rope_ (RoPE in place, a chunk of tokens at a time: at 5B its fp32 temporaries were the inference peak)
+    = apply_rope over all video tokens at once, output and input gradient bit for bit. The diffusers parity tests
+    use fewer tokens than one chunk, so this is what covers the chunking."""
+    torch.manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16):
+        L, N = 5, 37
+        q0 = torch.randn(2, L + N, 3, 16, dtype=dt)
+        cos, sin = (t[:, None] for t in model.rope_3d(model.presets["tiny"], 1, 1, N))
+        g = torch.randn_like(q0)
+        res = []
+        for chunk in (None, 8):
+            q1 = q0.clone().requires_grad_()
+            q = q1 * 1  # rope_ works in place on a non-leaf, as Block's on norm_q's output
+            if chunk is None:
+                q[:, L:] = model.apply_rope(q[:, L:], cos, sin)
+            else:
+                model.rope_(q, cos, sin, L, chunk=chunk)
+            q.backward(g)
+            res.append((q.detach(), q1.grad))
+        (y1, g1), (y2, g2) = res
+        assert torch.equal(y1, y2) and torch.equal(g1, g2), dt
+        assert not torch.equal(y1[:, L:], q0[:, L:])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from dataclasses import replace
 
+import diffusion
 import sample
 from conftest import DDIM_CONFIG
 
@@ -17,7 +18,7 @@ def _trajectory(kind, shift, n, ours, dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
     old, out = None, []
     if ours:
-        A, ts = sample.alphas_cumprod(cfg), sample.trailing_timesteps(n)
+        A, ts = diffusion.alphas_cumprod(cfg), sample.trailing_timesteps(n)
         for i, t in enumerate(ts):
             if kind == "ddim":
                 x = sample.ddim_step(A, vs[i], x, t, t - 1000 // n)
@@ -45,7 +46,7 @@ def test_alphas_cumprod(shift):
     from diffusers import CogVideoXDDIMScheduler
     cfg = dict(DDIM_CONFIG, snr_shift_scale=shift)
     ref = CogVideoXDDIMScheduler(**cfg).alphas_cumprod
-    ours = sample.alphas_cumprod(cfg)
+    ours = diffusion.alphas_cumprod(cfg)
     assert ours.dtype == torch.float64 and torch.equal(ours, ref)
     assert ours[-1] == 0
 
@@ -184,6 +185,31 @@ def test_reference_lora_and_blend(tiny_model_dir, base, ckpts):
     assert not torch.allclose(pipe.generate(_image(), "a dog", lora=mix, **KW), base)  # reaches it
 
 
+def test_offload_blocks_same_video(tiny_model_dir, ours, ckpts, monkeypatch):
+    """offload="blocks" (--offload-blocks): the DiT's and T5's blocks live in host memory and come to the
+    device one block ahead of use (offload.BlockStream; on the CPU its copies are no-ops): the same video
+    bit for bit, with a reference's LoRA and the step cache skipping blocks; at most two blocks of a model
+    on the device at a time, none after a stage."""
+    import offload
+    most, fetch = {}, offload.BlockStream.fetch
+
+    def counted(self, i):
+        fetch(self, i)
+        most[id(self)] = max(most.get(id(self), 0), len(self.ready))
+    monkeypatch.setattr(offload.BlockStream, "fetch", counted)
+    ck = ckpts / "random.safetensors"
+    pipe = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ck, offload="blocks")
+    plain = sample.load(tiny_model_dir, torch.float32, "cpu", ckpt=ck)
+    kw = dict(KW, steps=4, cache_threshold=1.0)
+    video = pipe.generate(_image(), "a dog", ref=_video(1), **kw)
+    assert pipe.cache.skipped > 0
+    assert torch.equal(video, plain.generate(_image(), "a dog", ref=_video(1), **kw))
+    assert len(pipe.streams) == 2 and sorted(most.values()) == [2, 2]
+    assert all(not s.ready for s in pipe.streams)
+    # the LoRA reached the streamed DiT
+    assert not torch.equal(video, ours.generate(_image(), "a dog", **kw))
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
@@ -227,7 +253,8 @@ def test_cli_end_to_end(capsys, tiny_model_dir, ckpts, files, tmp_path):
 
 def test_cli_lora_round_trip(capsys, tiny_model_dir, ckpts, files, tmp_path):
     """--save-lora writes what --lora reads: the same video from the LoRA file alone (no
-    hypernetwork), bit for bit; --lora files blend with references by weight, as references do."""
+    hypernetwork, and streaming the blocks: --offload-blocks), bit for bit; --lora files blend with
+    references by weight, as references do."""
     import data
     import lightlora
     data.write_video(tmp_path / "ref2.mp4", _video(12, 64, 96, seed=5))
@@ -237,7 +264,7 @@ def test_cli_lora_round_trip(capsys, tiny_model_dir, ckpts, files, tmp_path):
     ref2 = tmp_path / "ref2.mp4"
     mp4, st = lambda n: tmp_path / f"{n}.mp4", lambda n: tmp_path / f"{n}.safetensors"
     assert run(ref, img, "--ckpt", ck, "--out", mp4("a"), "--save-lora", st("a")) == 0
-    assert run(img, "--lora", st("a"), "--out", mp4("b")) == 0
+    assert run(img, "--lora", st("a"), "--out", mp4("b"), "--offload-blocks") == 0
     assert run(ref2, img, "--ckpt", ck, "--out", mp4("c"), "--save-lora", st("c")) == 0
     assert run(ref2, img, "--ckpt", ck, "--lora", f"{st('a')}:3", "--out", mp4("m"),
                "--save-lora", st("m"), "--lora-scale", "0.5") == 0

@@ -43,8 +43,7 @@ def store_fp8(dit):
 
 def compute_weight(layer, dtype):
     """layer.weight as it enters the matmul: itself, or (--fp8-storage) a fresh copy in `dtype`."""
-    w = layer.weight
-    return _unfp8(w, layer.fp8_scale, dtype) if w.dtype == FP8 else w
+    return _unfp8(layer.weight, getattr(layer, "fp8_scale", None), dtype)
 
 
 def _unfp8(w, scale, dtype):

@@ -107,7 +107,11 @@ def move(module, device):
             for i in list(s.ready):
                 s.drop(i)
             streamed |= s.ids
-    return module._apply(lambda t: t if id(t) in streamed else t.to(device))
+    for m in module.modules():  # what module.to does (.data keeps each Parameter object), minus streamed tensors
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if id(t) not in streamed:
+                t.data = t.data.to(device)
+    return module
 
 
 def stream_blocks(dit, t5, device):

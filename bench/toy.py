@@ -14,6 +14,8 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py export   # the shipped default: assets/ (model folder, hypernet, ref.mp4, img.png, strip.png)
 
 The exact commands and flags of the reported run, with times and results, are in bench/RESULTS.md.
+--size 128 runs a stage on 128x128 frames (16x16 latents): `dit --resume --size 128` moves the 64x64 DiT to it,
+`hyper --init CKPT` starts train.py from a 64x64 run's weights (bench/RESULTS.md, "The resolution step").
 
 All outputs go to --out (default toy/, git-ignored); `export` copies the final model to assets/.
 Layouts: clips [F,3,H,W] in [0,1] (effects), DiT latents B F C H W, VAE B C T H W.
@@ -67,6 +69,14 @@ SCHED_CFG = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_s
              "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "sample_max_value": 1.0,
              "set_alpha_to_one": True, "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
              "trained_betas": None}
+
+
+def set_size(size):
+    """Every stage's frame side (the VAE is convolutional and reads any size; the DiT's RoPE grid follows)."""
+    global SIZE
+    SIZE = size
+    VAE_CFG.update(sample_height=size, sample_width=size)
+    DIT_CFG.update(sample_height=size // 8, sample_width=size // 8)
 
 
 def log(out, stage, msg):
@@ -305,6 +315,8 @@ def stage_dit(args):
     cfg = model.DiTConfig(**DIT_CFG)
     if args.resume:  # continue pretraining the saved transformer (fresh optimizer)
         dit = model.load_dit(mdir / "transformer").requires_grad_(True)
+        dit.config.sample_height = dit.config.sample_width = SIZE // 8  # RoPE on this size's grid (--size)
+        cfg = dit.config
     else:
         dit = model.DiT(cfg)
         with torch.no_grad():  # DiT-style init: adaLN modulations and the output projection start at zero
@@ -334,6 +346,19 @@ def stage_dit(args):
 RUNS = [("main", []), ("k1", ["--k", "1"]), ("k2", ["--k", "2"]), ("ab16x8", ["--a", "16", "--b", "8"])]
 
 
+def init_run(ckpt, run, mdir, extra):
+    """Starts a train.py run from another run's weights (another frame size: the hypernetwork reads any grid)
+    as its step 0: warmup and schedule from the start, fresh AdamW state. A --k in `extra` sets the refinement
+    passes (the passes share their weights, so the same weights serve any k)."""
+    import dataclasses
+    import hypernet
+    v2l, meta = hypernet.load(ckpt, model.load_dit(mdir / "transformer"))
+    if "--k" in extra:
+        k = int(extra[extra.index("--k") + 1])
+        v2l.hypernet.cfg, meta["args"] = dataclasses.replace(v2l.hypernet.cfg, iters=k), dict(meta["args"], k=k)
+    hypernet.save(run / "ckpt-000000.safetensors", v2l, meta=dict(meta, step=0, samples=0, skipped=0))
+
+
 def stage_hyper(args):
     """Each run is train.py itself (one process, one thread); the runs go concurrently."""
     import os
@@ -350,9 +375,11 @@ def stage_hyper(args):
                "--hypernet", args.hypernet, "--k", "4", "--save-every", str(args.ablation_steps), "--keep", "20",
                "--log-every", "10", "--num-workers", "0", "--no-checkpointing"] + extra + ["--cosine"] * args.cosine
         # --no-checkpointing: the toy fits in memory many times over
-        cmd += ["--resume"] * args.resume  # continue each run where its folder stops, on --data, to --steps
+        cmd += ["--resume"] * (args.resume or bool(args.init))  # continue where the folder stops, on --data, to --steps
         log(out, "hyper", " ".join(cmd[1:]))
         (out / "hyper" / name).mkdir(parents=True, exist_ok=True)
+        if args.init and not list((out / "hyper" / name).glob("ckpt-*.safetensors")):
+            init_run(args.init, out / "hyper" / name, out / "model", extra)
         procs.append((name, time.time(), subprocess.Popen(cmd, stdout=open(out / "hyper" / f"{name}.log", "w"),
                                                           stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))))
     for name, t0, pr in procs:
@@ -462,14 +489,13 @@ def stage_oracle(args):
     out, mdir = Path(args.out), Path(args.out) / "model"
     vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
     A = diffusion.alphas_cumprod(SCHED_CFG).float()
-    sets = {"train": latent_set(args, out / "data/train", vae),
-            "train_heldout": latent_set(args, out / "data/train_heldout", vae)}
     names = lightlora.adapted_linears(dit, "attn")
     (out / "oracle").mkdir(parents=True, exist_ok=True)
     cats = args.runs.split(",") if args.runs else ORACLE_CATS
+    split = lambda c: "train_heldout" if c in effects.HELDOUT else "train"
+    sets = {s: latent_set(args, out / "data" / s, vae) for s in sorted({split(c) for c in cats})}  # only those used
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=oracle_one, args=(args, c, dit, sets["train_heldout" if c in effects.HELDOUT else "train"],
-                                                  vae.config, A, names)) for c in cats]
+    procs = [ctx.Process(target=oracle_one, args=(args, c, dit, sets[split(c)], vae.config, A, names)) for c in cats]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -787,12 +813,16 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model; hyper: train.py --resume")
     p.add_argument("--cosine", action="store_true", help="hyper: train.py --cosine")
+    p.add_argument("--init", help="hyper: start the runs from this hypernetwork checkpoint's weights (step 0)")
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
     p.add_argument("--ckpt", default="base", help="probe: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: processes run side by side)")
+    p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "
+                   "a pretrained DiT to it")
     args = p.parse_args(argv)
+    set_size(args.size)
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()

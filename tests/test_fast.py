@@ -140,7 +140,9 @@ def test_parallel_equals_one_process(par_model, one_process, tmp_path, n):
     assert par["skipped"] == one_process["skipped"]
     errs = {k: (par[k] - v).abs().max().item() for k, v in one_process.items() if k != "skipped"}
     print(f"{n} processes, max |diff|:", errs)
-    assert max(errs.values()) <= 1e-5, errs
+    # CFG parallel runs each branch as a batch of 1 where one process batches both: other GEMM
+    # reduction orders. Measured 0 without CFG; with CFG 1.4e-5 on an AMD EPYC (below 1e-5 on Intel)
+    assert max(errs.values()) <= 2e-5, errs
 
 
 def test_torchrun_cli(par_model, tmp_path):
@@ -158,9 +160,10 @@ def test_torchrun_cli(par_model, tmp_path):
     r = _torchrun(2, *argv, "--out", tmp_path / "two.mp4", script=sample.__file__)
     assert r.stdout.count("wrote ") == 1 and "2 processes" in r.stdout, r.stdout
     a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two.mp4")
-    # the float videos agree within 1e-5 (test above), but H.264 is lossy: a change of one level can
+    # the float videos agree within 2e-5 (test above), but H.264 is lossy: a change of one level can
     # flip the encoder's choices in a macroblock: the frames agree on average, not pixel for pixel
-    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 2
+    # (measured: 0-3.8 levels per frame; another seed's video differs by tens)
+    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 8
 
 
 def _worker(model_dir, out=None):

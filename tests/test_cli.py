@@ -243,22 +243,19 @@ def test_files_follow_the_umask(tmp_path, umask):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                     reason="needs two CPUs to vary the encoder's default threads")
 def test_same_frames_same_file(tmp_path):
-    """The same frames must give the same video wherever the process may run: x264's default thread
-    count follows the CPUs, so data.write_video fixes it. On an AMD EPYC machine (2026-12-05) two
-    writes of these frames, even under one affinity, gave other bytes and decoded frames up to 22
-    levels apart, so this asserts the decoded videos agree on average (open: bit-exact files)."""
-    import av
-    import numpy as np
+    """The same frames must give the same file: x264's default thread count follows the CPUs the
+    process may use and its output depends on it, so another machine (or taskset, a cgroup) wrote
+    other pixels; and its AVX-512 code wrote other bytes on every run on an AMD EPYC."""
+    import hashlib
     g = torch.Generator().manual_seed(0)
     v = torch.nn.functional.interpolate(torch.rand(33, 3, 16, 24, generator=g), (192, 288),
                                         mode="bilinear")
-    cpus, videos = os.sched_getaffinity(0), []
+    cpus, digests = os.sched_getaffinity(0), []
     try:
         for allowed in ({min(cpus)}, cpus):
             os.sched_setaffinity(0, allowed)
-            with av.open(str(data.write_video(tmp_path / "v.mp4", v))) as c:
-                videos.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+            written = data.write_video(tmp_path / "v.mp4", v).read_bytes()
+            digests.append(hashlib.sha1(written).hexdigest())
     finally:
         os.sched_setaffinity(0, cpus)
-    a, b = (x.astype(int) for x in videos)
-    assert a.shape == b.shape == (33, 192, 288, 3) and np.abs(a - b).mean() < 2, np.abs(a - b).mean()
+    assert digests[0] == digests[1]

@@ -162,8 +162,7 @@ def test_torchrun_cli(par_model, tmp_path):
     a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two.mp4")
     # the float videos agree within 2e-5 (test above), but H.264 is lossy: a change of one level can
     # flip the encoder's choices in a macroblock: the frames agree on average, not pixel for pixel
-    # (measured: 0-3.8 levels per frame; another seed's video differs by tens)
-    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 8
+    assert len(a) == len(b) == 9 and max(abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 2
 
 
 def _worker(model_dir, out=None):

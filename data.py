@@ -3,6 +3,7 @@ reference) pairs train.py reads. Videos are [F,3,H,W] in [-1,1] as read. The lat
 posteriors, T5 embeddings) is cache.py.
 """
 import csv
+import functools
 import json
 import logging
 import os
@@ -139,20 +140,20 @@ def check_video_out(path, option):
                          "(pip install av ships one)") from None
 
 
-def _x264_asm():
-    """x264's SIMD up to AVX2, as x264-params: its AVX-512 code wrote other bytes on every run of the same
-    frames on an AMD EPYC (one thread or four). Only flags this CPU has (a forced flag it lacks would be
-    an illegal instruction); elsewhere (not x86 Linux) x264's own choice."""
+@functools.cache
+def _x264_options(crf):
+    """Options that make the file a function of the frames alone. A fixed thread count: x264's output
+    depends on it, and by default it follows the CPUs we may use (taskset, cgroups, other machines).
+    SIMD up to AVX2: its AVX-512 code wrote other bytes on every run on an AMD EPYC; only flags
+    /proc/cpuinfo lists (a forced flag the CPU lacks is an illegal instruction), else x264's choice."""
+    opts = {"crf": str(crf), "threads": "4"}
     try:
         have = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return {}
-    if not {"sse2", "ssse3", "sse4_2", "avx"} <= have:
-        return {}
-    return {"x264-params": "asm=MMX2,SSE2,SSE2Fast,SSSE3,SSE4.2,AVX" + ",AVX2" * ("avx2" in have)}
-
-
-_X264_ASM = _x264_asm()
+        have = set()
+    if {"sse2", "ssse3", "sse4_2", "avx"} <= have:
+        opts["x264-params"] = "asm=MMX2,SSE2,SSE2Fast,SSSE3,SSE4.2,AVX" + ",AVX2" * ("avx2" in have)
+    return opts
 
 
 def write_video(path, video, fps=8, crf=18):
@@ -165,10 +166,8 @@ def write_video(path, video, fps=8, crf=18):
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     with common.atomic(path) as tmp, av.open(str(tmp), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        # a fixed thread count: x264's output depends on it, and by default it follows the CPUs we
-        # may use, so the same frames gave other files on other machines or under taskset/cgroups
-        opts = {"crf": str(crf), "threads": "4", **_X264_ASM}
-        s.width, s.height, s.pix_fmt, s.options = x.shape[2], x.shape[1], "yuv420p", opts
+        s.width, s.height, s.pix_fmt = x.shape[2], x.shape[1], "yuv420p"
+        s.options = dict(_x264_options(crf))  # a copy: the cached dict stays as made
         for frame in x:
             c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         c.mux(s.encode(None))

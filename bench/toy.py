@@ -352,6 +352,8 @@ def init_run(ckpt, run, mdir, extra):
     passes (the passes share their weights, so the same weights serve any k)."""
     import dataclasses
     import hypernet
+    if hypernet.checkpoints(run):  # begun: --resume goes on from its own newest checkpoint
+        return
     v2l, meta = hypernet.load(ckpt, model.load_dit(mdir / "transformer"))
     if "--k" in extra:
         k = int(extra[extra.index("--k") + 1])
@@ -378,7 +380,7 @@ def stage_hyper(args):
         cmd += ["--resume"] * (args.resume or bool(args.init))  # continue where the folder stops, on --data, to --steps
         log(out, "hyper", " ".join(cmd[1:]))
         (out / "hyper" / name).mkdir(parents=True, exist_ok=True)
-        if args.init and not list((out / "hyper" / name).glob("ckpt-*.safetensors")):
+        if args.init:
             init_run(args.init, out / "hyper" / name, out / "model", extra)
         procs.append((name, time.time(), subprocess.Popen(cmd, stdout=open(out / "hyper" / f"{name}.log", "w"),
                                                           stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))))

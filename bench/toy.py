@@ -11,6 +11,7 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py clf      # the effect classifier (3-D conv net on real clips)
     python bench/toy.py gen --runs base   # eval's generation for some conditions (run several at once)
     python bench/toy.py eval     # generates what is missing, scores it -> <out>/table.md (bench/RESULTS.md)
+    python bench/toy.py cli --ckpt base,CKPT  # the shipped references at sample.py's settings, 8 held-out images
     python bench/toy.py export   # the shipped default: assets/ (model folder, hypernet, ref.mp4, img.png, strip.png)
 
 The exact commands and flags of the reported run, with times and results, are in bench/RESULTS.md.
@@ -383,7 +384,7 @@ def stage_hyper(args):
         if args.init:
             init_run(args.init, out / "hyper" / name, out / "model", extra)
         procs.append((name, time.time(), subprocess.Popen(cmd, stdout=open(out / "hyper" / f"{name}.log", "w"),
-                                                          stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))))
+                                                          stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))))
     for name, t0, pr in procs:
         if pr.wait():
             raise SystemExit(f"train.py run {name} failed: see {out / 'hyper' / (name + '.log')}")
@@ -420,7 +421,8 @@ def stage_probe(args):
     import lightlora
     out = Path(args.out)
     pipe = sample.load(out / "model", torch.float32, "cpu")
-    pairs, amounts = probe_pairs(out), {}
+    cats = args.runs.split(",") if args.runs else PROBE_CATS
+    pairs, amounts = [q for q in probe_pairs(out) if q[0] in cats], {}
     for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
         gt = effects.apply_effect(effects.make_image(tmeta["image_seed"], SIZE, SIZE), cat, rmeta["params"], FRAMES)
         v = pipe.vae.decode(pipe.vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1) / 2 + 0.5
@@ -440,11 +442,11 @@ def stage_probe(args):
             row.append(effects.effect_amount(v, cat, rmeta["params"]))
         log(out, "probe", f"{ck}: {len(pairs)} pairs in {time.time() - t0:.0f} s")
     gt_med = {c: median(a for (k, *_), a in zip(pairs, amounts["ground truth through the VAE"]) if k == c)
-              for c in PROBE_CATS}
-    lines = ["| | " + " | ".join(PROBE_CATS) + " |", "|---" * (len(PROBE_CATS) + 1) + "|"]
+              for c in cats}
+    lines = ["| | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
     for name, row in amounts.items():
         cells = []
-        for c in PROBE_CATS:
+        for c in cats:
             xs = [a for (k, *_), a in zip(pairs, row) if k == c]
             cells.append(f"{sum(a > 0 for a in xs)}/{len(xs)}, {median(xs):+.2f} ({median(xs) / gt_med[c]:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -767,6 +769,36 @@ def shipped(name, meta, image_seed=IMG_SEED):
     return ref, effects.apply_effect(effects.make_image(image_seed, SIZE, SIZE), meta["category"], params, FRAMES)
 
 
+@torch.no_grad()
+def stage_cli(args):
+    """The shipped references at sample.py's defaults (50 DDIM steps, guidance 6, seed 0), each put on 8 held-out
+    images (2^30 + 0..7) through an mp4 as the CLI reads it, for each --ckpt ("base": no LoRA): right way / 8 and
+    the median amount, last frame against frame 0 (what tests/test_default.py checks on img.png)."""
+    import hypernet
+    out, tmp = Path(args.out), Path(args.out) / "cli"
+    tmp.mkdir(parents=True, exist_ok=True)
+    pipe = sample.load(out / "model", torch.float32, "cpu")
+    images = [(effects.make_image(2**30 + i, SIZE, SIZE) * 255).round() / 255 for i in range(8)]  # as from a PNG
+    refs = {}
+    for name, m in REFS.items():
+        data.write_video(tmp / name, shipped(name, m)[0], fps=FPS)
+        refs[name] = (m["category"], effects.sample_params(m["category"], m["effect_seed"]),
+                      (data.read_video(tmp / name, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
+    lines = ["| | " + " | ".join(f"{c} ({effects.effect_amount(r, c, p):+.2f})" for c, p, r in refs.values()) + " |",
+             "|---" * (len(refs) + 1) + "|"]
+    base = [pipe.generate(im) for im in images]
+    for ck in args.ckpt.split(","):
+        pipe.v2l = None if ck == "base" else hypernet.load(ck, pipe.dit)[0].eval()
+        cells = []
+        for cat, params, ref in refs.values():
+            vids = base if ck == "base" else [pipe.generate(im, lora=pipe.reference_lora(ref)) for im in images]
+            xs = [effects.effect_amount(v, cat, params) for v in vids]
+            cells.append(f"{sum(x > 0 for x in xs)}/8, {median(xs):+.2f}")
+        lines.append(f"| {ck} | " + " | ".join(cells) + " |")
+        log(out, "cli", lines[-1])
+    log(out, "cli", "\n" + "\n".join(lines))
+
+
 def stage_export(args):
     import hypernet
     out, assets = Path(args.out), ROOT / "assets"
@@ -801,14 +833,14 @@ def stage_export(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="toy-scale end-to-end Video2LoRA run")
-    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe"])
+    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe", "cli"])
     p.add_argument("--out", default=str(ROOT / "toy"))
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of a training stage")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=400, help="hyper: main run steps; oracle: steps per category")
     p.add_argument("--ablation-steps", type=int, default=200)
-    p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle: categories")
+    p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle, probe: categories")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--hypernet", default="toy", help="hyper: hypernet.py preset")
     p.add_argument("--data", default="hyper", help="hyper: the training clips, a folder under <out>/data")
@@ -818,9 +850,9 @@ def main(argv=None):
     p.add_argument("--init", help="hyper: start the runs from this hypernetwork checkpoint's weights (step 0)")
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
-    p.add_argument("--ckpt", default="base", help="probe: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
+    p.add_argument("--ckpt", default="base", help="probe, cli: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
     p.add_argument("--clf-steps", type=int, default=400)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: processes run side by side)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (hyper: per train.py run; 1: processes run side by side)")
     p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "
                    "a pretrained DiT to it")
     args = p.parse_args(argv)

@@ -31,8 +31,7 @@ class VideoError(Exception):
 
 def _rgb(frame, height, width):
     """PyAV frame -> uint8 [3,height,width]: resize the short side to cover, centre-crop."""
-    x = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-    x = x.permute(2, 0, 1)[None]  # a channels-last view
+    x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)[None]  # a channels-last view
     h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
@@ -79,12 +78,10 @@ def read_video(path, frames=49, fps=8, height=480, width=720, allow_short=False,
             picked.append(prev)
         n_real = len(picked)
         if n_real == 0 and start > 0:
-            raise VideoError(f"{path}: starts past its end: {start:g} s into a "
-                             f"{end - targets[0] + start:.2f} s video")
+            raise VideoError(f"{path}: starts past its end: {start:g} s into a {end - targets[0] + start:.2f} s video")
         if n_real < frames and not allow_short:
-            raise VideoError(f"{path}: too short: {end - targets[0]:.2f} s at {rate:g} fps gives "
-                             f"{n_real} frames at {fps:g} fps, needs {frames} "
-                             f"({frames / fps:.2f} s)")
+            raise VideoError(f"{path}: too short: {end - targets[0]:.2f} s at {rate:g} fps gives {n_real} frames "
+                             f"at {fps:g} fps, needs {frames} ({frames / fps:.2f} s)")
         picked += [prev] * (frames - n_real)
         rgb = {id(f): f for f in picked}  # each distinct frame converted once
         rgb = {k: _rgb(f, height, width) for k, f in rgb.items()}
@@ -97,9 +94,7 @@ def duration(path):
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
-            if s.duration:
-                return float(s.duration * s.time_base)
-            return c.duration and c.duration / 1e6
+            return float(s.duration * s.time_base) if s.duration else c.duration and c.duration / 1e6
     except (av.FFmpegError, OSError, IndexError):
         return None
 
@@ -136,8 +131,7 @@ def check_video_out(path, option):
     try:
         av.codec.Codec("libx264", "w")
     except Exception:
-        raise ValueError("this PyAV/FFmpeg build has no libx264 encoder "
-                         "(pip install av ships one)") from None
+        raise ValueError("this PyAV/FFmpeg build has no libx264 encoder (pip install av ships one)") from None
 
 
 @functools.cache
@@ -146,11 +140,8 @@ def _x264_options(crf):
     depends on it, and by default it follows the CPUs we may use (taskset, cgroups, other machines).
     SIMD up to AVX2: its AVX-512 code wrote other bytes on every run on an AMD EPYC; only flags
     /proc/cpuinfo lists (a forced flag the CPU lacks is an illegal instruction), else x264's choice."""
-    opts = {"crf": str(crf), "threads": "4"}
-    try:
-        have = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        have = set()
+    opts, cpuinfo = {"crf": str(crf), "threads": "4"}, Path("/proc/cpuinfo")
+    have = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
     if {"sse2", "ssse3", "sse4_2", "avx"} <= have:
         opts["x264-params"] = "asm=MMX2,SSE2,SSE2Fast,SSSE3,SSE4.2,AVX" + ",AVX2" * ("avx2" in have)
     return opts
@@ -200,8 +191,7 @@ def scan(path):
         raise FileNotFoundError(f"data {path}: expected a folder root/<category>/<clip> or a "
                                 ".csv/.jsonl manifest")
     if not clips:
-        exts = " ".join(sorted(VIDEO_EXTS))
-        raise ValueError(f"data {path}: no clips found (video extensions: {exts})")
+        raise ValueError(f"data {path}: no clips found (video extensions: {' '.join(sorted(VIDEO_EXTS))})")
     return clips
 
 
@@ -226,15 +216,13 @@ class VideoPairs(torch.utils.data.Dataset):
         self.bad_file = Path(run_dir) / "bad_clips.txt" if run_dir is not None else None
         for i, c in enumerate(clips):
             self.groups.setdefault(c.category, []).append(i)
-        single = sorted(k for k, v in self.groups.items() if len(v) == 1)
-        if single:
-            log.warning(f"warning: {len(single)} categories have one clip, its own reference: "
-                        f"{', '.join(single)}")
+        if single := sorted(k for k, v in self.groups.items() if len(v) == 1):
+            log.warning(f"warning: {len(single)} categories have one clip, its own reference: {', '.join(single)}")
         want = dict(frames=frames, fps=fps, height=height, width=width)
         if cache is not None and {k: cache.settings[k] for k in want} != want:
             raise ValueError(f"cache {cache.root} was built with {cache.settings}, not {want}")
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch):  # Stream's epoch: the references are drawn per epoch
         self.epoch = epoch
 
     def __len__(self):

@@ -44,7 +44,7 @@ class HyperNetConfig:
 presets = {
     "default": HyperNetConfig(),
     "tiny": HyperNetConfig(in_channels=4, width=32, depth=2, heads=2, iters=2),
-    # bench/toy.py's model: 64x64 frames, 8x8 latents, pans of up to ~3 latent px per latent frame
+    # bench/toy.py's model: 128x128 frames, 16x16 latents; its pans move up to ~3 latent px per latent frame
     "toy": HyperNetConfig(width=64, depth=4, heads=4, corr_radius=3),
 }
 

@@ -10,7 +10,7 @@
 cache: for each image and sampling seed, the uncached video is the reference; each threshold's video is compared
 with it (PSNR over the whole clip) and on the effect measures of bench/effects.py (fade = brightness lost by the
 last frame, pan = px moved right, zoom = log scale), against how much the same measures move between two sampling
-seeds of the uncached model. --no-ref (the base I2V model): the toy hypernetwork in assets/ is being retrained.
+seeds of the uncached model. Without --ref the base I2V model; --ref REF puts REF's LoRA on every video.
 """
 import argparse
 import gc
@@ -41,11 +41,14 @@ def measures(video):
 @torch.no_grad()
 def cache_table(args):
     torch.set_num_threads(1)
-    pipe = sample.load(args.model, torch.float32, "cpu")
+    ckpt = Path(args.model) / "hypernet.safetensors" if args.ref else None
+    pipe = sample.load(args.model, torch.float32, "cpu", ckpt=ckpt)
     frames, height, width = pipe.sizes()
     images = [(sample.data.read_image(ROOT / "assets" / "img.png", height, width) + 1) / 2]
     images += [effects.make_image(s, height, width) for s in range(1, args.images)]
     kw = dict(frames=frames, height=height, width=width, steps=args.steps, guidance=args.guidance)
+    if args.ref:  # the LoRA a reference gives, as sample.py REF IMG applies it
+        kw["lora"] = pipe.reference_lora(sample.data.read_reference(args.ref, frames, height, width))
     base = {(i, s): pipe.generate(im, seed=s, **kw) for (i, im), s in itertools.product(enumerate(images), args.seeds)}
     m0 = {k: measures(v) for k, v in base.items()}
     # what a change of sampling seed does: mean |difference| of each measure between seed pairs of one image
@@ -53,7 +56,8 @@ def cache_table(args):
     seed_delta = {m: statistics.mean(abs(m0[p][m] - m0[q][m]) for p, q in pairs) for m in MEASURES}
     seed_psnr = statistics.mean(effects.psnr(base[p], base[q]) for p, q in pairs)
     print(f"model {args.model}, {frames}x{height}x{width}, {args.steps} steps DDIM, CFG {args.guidance}, "
-          f"{len(images)} images x seeds {args.seeds}, no reference (base I2V model)\n")
+          f"{len(images)} images x seeds {args.seeds}, " + (f"reference {args.ref}\n" if args.ref else
+                                                            "no reference (base I2V model)\n"))
     print("| threshold | DiT calls saved | PSNR vs uncached (dB) | " + " | ".join(f"Δ{m}" for m in MEASURES)
           + " | denoise s |")
     print("|---|---|---|" + "---|" * len(MEASURES) + "---|")
@@ -169,6 +173,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--images", type=int, default=3, help="cache: assets/img.png + procedural images")
+    ap.add_argument("--ref", help="cache: a reference video; its LoRA (the model folder's hypernet) on every video")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3])
     ap.add_argument("--cache-threshold", type=float, default=fast.CACHE_THRESHOLD, help="gpu: for compiled + cache")

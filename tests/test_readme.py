@@ -62,7 +62,7 @@ def test_walkthrough_and_examples(tmp_path, monkeypatch):
         assert r.returncode == 0, f"{' '.join(argv)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out.setdefault(argv[1], []).append(r.stdout)
     assert len(list((tmp_path / "clips").glob("*/*.mp4"))) == 17  # one clip of each seen category
-    size = common.model_sizes(ROOT / "assets")  # (9, 64, 64): the cache's default, as train.py
+    size = common.model_sizes(ROOT / "assets")  # (9, 128, 128): the cache's default, as train.py
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert tuple(index["settings"][k] for k in ("frames", "height", "width")) == size
     log = out["train.py"][0]

@@ -56,8 +56,8 @@ def cache_table(args):
     seed_delta = {m: statistics.mean(abs(m0[p][m] - m0[q][m]) for p, q in pairs) for m in MEASURES}
     seed_psnr = statistics.mean(effects.psnr(base[p], base[q]) for p, q in pairs)
     print(f"model {args.model}, {frames}x{height}x{width}, {args.steps} steps DDIM, CFG {args.guidance}, "
-          f"{len(images)} images x seeds {args.seeds}, " + (f"reference {args.ref}\n" if args.ref else
-                                                            "no reference (base I2V model)\n"))
+          f"{len(images)} images x seeds {args.seeds}, "
+          + (f"reference {args.ref}" if args.ref else "no reference (base I2V model)") + "\n")
     print("| threshold | DiT calls saved | PSNR vs uncached (dB) | " + " | ".join(f"Δ{m}" for m in MEASURES)
           + " | denoise s |")
     print("|---|---|---|" + "---|" * len(MEASURES) + "---|")

@@ -359,15 +359,23 @@ RUNS = [("main", []), ("k1", ["--k", "1"]), ("k2", ["--k", "2"]), ("ab16x8", ["-
 def init_run(ckpt, run, mdir, extra):
     """Starts a train.py run from another run's weights (another frame size: the hypernetwork reads any grid)
     as its step 0: warmup and schedule from the start, fresh AdamW state. A --k in `extra` sets the refinement
-    passes (the passes share their weights, so the same weights serve any k)."""
+    passes (the passes share their weights, so the same weights serve any k); an --a/--b takes the trunk only."""
     import dataclasses
     import hypernet
     if hypernet.checkpoints(run):  # begun: --resume goes on from its own newest checkpoint
         return
-    v2l, meta = hypernet.load(ckpt, model.load_dit(mdir / "transformer"))
+    dit = model.load_dit(mdir / "transformer")
+    v2l, meta = hypernet.load(ckpt, dit)
     if "--k" in extra:
         k = int(extra[extra.index("--k") + 1])
         v2l.hypernet.cfg, meta["args"] = dataclasses.replace(v2l.hypernet.cfg, iters=k), dict(meta["args"], k=k)
+    if "--a" in extra:  # other aux sizes: the trunk is taken, the heads and aux factors (sized a, b) start fresh
+        a, b = int(extra[extra.index("--a") + 1]), int(extra[extra.index("--b") + 1])
+        trunk = {n: w for n, w in v2l.hypernet.state_dict().items() if not n.startswith(("head_A.", "head_B."))}
+        torch.manual_seed(0)
+        v2l, meta["args"] = hypernet.Video2LoRA(dit, v2l.hypernet.cfg, a, b), dict(meta["args"], a=a, b=b)
+        missing = v2l.hypernet.load_state_dict(trunk, strict=False).missing_keys
+        assert all(n.startswith(("head_A.", "head_B.")) for n in missing), missing
     hypernet.save(run / "ckpt-000000.safetensors", v2l, meta=dict(meta, step=0, samples=0, skipped=0))
 
 

@@ -7,6 +7,7 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py dit      # tiny I2V DiT pretrained as a base model (v-prediction, first-frame condition)
     python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))
     python bench/toy.py probe --ckpt base,oracle,CKPT  # motion probe: pans, zooms, fade on held-out images
+    python bench/toy.py loras --ckpt CKPT  # how far apart the hypernetwork's LoRAs for the probe's categories are
     python bench/toy.py oracle   # a classic rank-r LoRA per category, trained on that category alone
     python bench/toy.py clf      # the effect classifier (3-D conv net on real clips)
     python bench/toy.py gen --runs base   # eval's generation for some conditions (run several at once)
@@ -472,6 +473,60 @@ def stage_probe(args):
     log(out, "probe", "\n" + "\n".join(lines))
 
 
+@torch.no_grad()
+def stage_loras(args):
+    """Does the hypernetwork tell the probe's categories apart? Per --ckpt: each probe reference's LoRA as one
+    vector (every layer's dW = down @ up, so the factors' sign does not count), the cosine of each category's mean
+    LoRA with its nearest other category's, and leave-one-out nearest-mean accuracy for pairs of categories."""
+    import hypernet
+    out, refs = Path(args.out), {}
+    pipe = sample.load(out / "model", torch.float32, "cpu")
+    for cat, ref, _, _ in probe_pairs(out):
+        refs.setdefault(cat, {})[ref] = None  # each reference once, in order
+    # Is the motion in the hypernetwork's input? A fixed readout of hypernet.correlation's volume (radius 3): the
+    # soft-argmax offset per latent pixel (where its content was in the previous latent frame), its mean and its
+    # radial part (offset . position from the centre, / half the side): higher = content came from farther out
+    # (the correlation's zero padding at the border pulls it down: a fade, which does not move, reads about -0.3)
+    R, lines = 3, []
+    off = torch.stack(torch.meshgrid(torch.arange(-R, R + 1.), torch.arange(-R, R + 1.), indexing="ij")).flatten(1)
+    for cat, rs in refs.items():
+        reads = []
+        for ref in rs:
+            v = (data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2
+            z = pipe._encode(v.permute(1, 0, 2, 3)[None])[0].transpose(1, 2)  # [1,3,F,H,W] -> [1,F',C,h,w]
+            p = torch.softmax(10 * hypernet.correlation(z, R)[0, 1:], 1)  # [F'-1, 49, h, w]
+            fy, fx = torch.einsum("fkhw,dk->dfhw", p, off)
+            h, w = fx.shape[-2:]
+            yy, xx = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+            reads.append(((fx * xx + fy * yy).mean() / (h / 2), fx.mean(), fy.mean()))
+        r = torch.tensor(reads)
+        lines.append(f"  {cat}: radial {r[:, 0].min():+.2f} .. {r[:, 0].max():+.2f}, mean offset x {r[:, 1].mean():+.2f} "
+                     f"y {r[:, 2].mean():+.2f}")
+    log(out, "loras", "the hypernetwork's input, read by a fixed rule (latent px):\n" + "\n".join(lines))
+    for ck in args.ckpt.split(","):
+        pipe.v2l = hypernet.load(ck, pipe.dit)[0].eval()
+        X, y = [], []
+        for cat, rs in refs.items():
+            for ref in rs:
+                lora = pipe.reference_lora((data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
+                X.append(torch.cat([(d @ u).flatten() for d, u in lora.values()]))
+                y.append(cat)
+        X = torch.stack(X)
+        mean = {c: X[[i for i, k in enumerate(y) if k == c]].mean(0) for c in refs}
+        cos = lambda a, b: float(F.cosine_similarity(mean[a], mean[b], 0))
+
+        def loo(cats):  # each reference against the other references' category means
+            idx = [i for i, c in enumerate(y) if c in cats]
+            means = lambda i: {c: X[[j for j in idx if y[j] == c and j != i]].mean(0) for c in cats}
+            return sum(min((m := means(i)), key=lambda c: (X[i] - m[c]).norm()) == y[i] for i in idx), len(idx)
+        lines = [f"{ck}: nearest mean LoRA (cosine): " + ", ".join(
+            f"{c} -> {max((k for k in refs if k != c), key=lambda k: cos(c, k))} "
+            f"{max(cos(c, k) for k in refs if k != c):.2f}" for c in refs)]
+        lines += [f"  {a} vs {b}: cosine {cos(a, b):.2f}, leave-one-out %d/%d" % loo((a, b)) for a, b in
+                  [("zoom_in", "zoom_out"), ("pan_left", "pan_right"), ("pan_down", "pan_up")]]
+        log(out, "loras", "\n".join(lines))
+
+
 # ---------------------------------------------------------------------------------------------------- oracle
 ORACLE_CATS = ["zoom_in", "pan_right", "rotate", "fade_black", "dolly_zoom", "spin_out", "swirl", "pan_up"]
 
@@ -859,7 +914,7 @@ def stage_export(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="toy-scale end-to-end Video2LoRA run")
-    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe", "cli"])
+    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe", "loras", "cli"])
     p.add_argument("--out", default=str(ROOT / "toy"))
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of a training stage")
     p.add_argument("--batch", type=int, default=4)

@@ -481,18 +481,17 @@ def stage_loras(args):
     import hypernet
     out, refs = Path(args.out), {}
     pipe = sample.load(out / "model", torch.float32, "cpu")
-    for cat, ref, _, _ in probe_pairs(out):
-        refs.setdefault(cat, {})[ref] = None  # each reference once, in order
-    # Is the motion in the hypernetwork's input? A fixed readout of hypernet.correlation's volume (radius 3): the
+    for cat, ref, _, _ in probe_pairs(out):  # each reference once, in order
+        refs.setdefault(cat, {})[ref] = (data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2  # [F,3,H,W]
+    # Is the motion in the hypernetwork's input? A fixed readout of hypernet.correlation's volume (preset toy): the
     # soft-argmax offset per latent pixel (where its content was in the previous latent frame), its mean and its
     # radial part (offset . position from the centre, / half the side): higher = content came from farther out
     # (the correlation's zero padding at the border pulls it down: a fade, which does not move, reads about -0.3)
-    R, lines = 3, []
+    R, lines = hypernet.presets["toy"].corr_radius, []
     off = torch.stack(torch.meshgrid(torch.arange(-R, R + 1.), torch.arange(-R, R + 1.), indexing="ij")).flatten(1)
     for cat, rs in refs.items():
         reads = []
-        for ref in rs:
-            v = (data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2
+        for v in rs.values():
             z = pipe._encode(v.permute(1, 0, 2, 3)[None])[0].transpose(1, 2)  # [1,3,F,H,W] -> [1,F',C,h,w]
             p = torch.softmax(10 * hypernet.correlation(z, R)[0, 1:], 1)  # [F'-1, 49, h, w]
             fy, fx = torch.einsum("fkhw,dk->dfhw", p, off)
@@ -507,8 +506,8 @@ def stage_loras(args):
         pipe.v2l = hypernet.load(ck, pipe.dit)[0].eval()
         X, y = [], []
         for cat, rs in refs.items():
-            for ref in rs:
-                lora = pipe.reference_lora((data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
+            for v in rs.values():
+                lora = pipe.reference_lora(v)
                 X.append(torch.cat([(d @ u).flatten() for d, u in lora.values()]))
                 y.append(cat)
         X = torch.stack(X)

@@ -515,12 +515,13 @@ def stage_loras(args):
         cos = lambda a, b: float(F.cosine_similarity(mean[a], mean[b], 0))
 
         def loo(cats):  # each reference against the other references' category means
-            idx = [i for i, c in enumerate(y) if c in cats]
-            means = lambda i: {c: X[[j for j in idx if y[j] == c and j != i]].mean(0) for c in cats}
-            return sum(min((m := means(i)), key=lambda c: (X[i] - m[c]).norm()) == y[i] for i in idx), len(idx)
-        lines = [f"{ck}: nearest mean LoRA (cosine): " + ", ".join(
-            f"{c} -> {max((k for k in refs if k != c), key=lambda k: cos(c, k))} "
-            f"{max(cos(c, k) for k in refs if k != c):.2f}" for c in refs)]
+            idx, hits = [i for i, c in enumerate(y) if c in cats], 0
+            for i in idx:
+                m = {c: X[[j for j in idx if y[j] == c and j != i]].mean(0) for c in cats}
+                hits += min(m, key=lambda c: (X[i] - m[c]).norm()) == y[i]
+            return hits, len(idx)
+        near = {c: max((k for k in refs if k != c), key=lambda k: cos(c, k)) for c in refs}
+        lines = [f"{ck}: nearest mean LoRA (cosine): " + ", ".join(f"{c} -> {k} {cos(c, k):.2f}" for c, k in near.items())]
         lines += [f"  {a} vs {b}: cosine {cos(a, b):.2f}, leave-one-out %d/%d" % loo((a, b)) for a, b in
                   [("zoom_in", "zoom_out"), ("pan_left", "pan_right"), ("pan_down", "pan_up")]]
         log(out, "loras", "\n".join(lines))

@@ -355,12 +355,16 @@ def stage_dit(args):
 # (name, train.py arguments): the main run is the shipped one (train.py defaults: k=4, a=100, b=50); the
 # ablations change one thing each and run as many steps as the main run's checkpoint they are compared with.
 RUNS = [("main", []), ("k1", ["--k", "1"]), ("k2", ["--k", "2"]), ("ab16x8", ["--a", "16", "--b", "8"])]
+# trained only when --runs names them: the predicted rank (rank 1 caps this toy's zooms, bench/RESULTS.md)
+NAMED_RUNS = [("r4", ["--r", "4"])]
+ABLATIONS = [name for name, _ in RUNS + NAMED_RUNS if name != "main"]
 
 
 def init_run(ckpt, run, mdir, extra):
     """Starts a train.py run from another run's weights (another frame size: the hypernetwork reads any grid)
     as its step 0: warmup and schedule from the start, fresh AdamW state. A --k in `extra` sets the refinement
-    passes (the passes share their weights, so the same weights serve any k); an --a/--b takes the trunk only."""
+    passes (the passes share their weights, so the same weights serve any k); an --a/--b or --r takes the trunk
+    only."""
     import dataclasses
     import hypernet
     if hypernet.checkpoints(run):  # begun: --resume goes on from its own newest checkpoint
@@ -370,11 +374,12 @@ def init_run(ckpt, run, mdir, extra):
     if "--k" in extra:
         k = int(extra[extra.index("--k") + 1])
         v2l.hypernet.cfg, meta["args"] = dataclasses.replace(v2l.hypernet.cfg, iters=k), dict(meta["args"], k=k)
-    if "--a" in extra:  # other aux sizes: the trunk is taken, the heads and aux factors (sized a, b) start fresh
-        a, b = int(extra[extra.index("--a") + 1]), int(extra[extra.index("--b") + 1])
+    if "--a" in extra or "--r" in extra:  # the trunk is taken, the heads and aux factors (sized a, b, r) start fresh
+        arg = lambda k, default: int(extra[extra.index(k) + 1]) if k in extra else default
+        a, b, r = arg("--a", v2l.lora.a), arg("--b", v2l.lora.b), arg("--r", v2l.lora.r)
         trunk = {n: w for n, w in v2l.hypernet.state_dict().items() if not n.startswith(("head_A.", "head_B."))}
         torch.manual_seed(0)
-        v2l, meta["args"] = hypernet.Video2LoRA(dit, v2l.hypernet.cfg, a, b), dict(meta["args"], a=a, b=b)
+        v2l, meta["args"] = hypernet.Video2LoRA(dit, v2l.hypernet.cfg, a, b, r), dict(meta["args"], a=a, b=b, r=r)
         missing = v2l.hypernet.load_state_dict(trunk, strict=False).missing_keys
         assert all(n.startswith(("head_A.", "head_B.")) for n in missing), missing
     hypernet.save(run / "ckpt-000000.safetensors", v2l, meta=dict(meta, step=0, samples=0, skipped=0))
@@ -386,8 +391,9 @@ def stage_hyper(args):
     out, procs = Path(args.out), []
     cache_lib.build_cache(out / "model", out / "data" / args.data, out / ("cache_" + args.data), FRAMES, FPS, SIZE, SIZE,
                      batch=8, workers=0)  # a no-op when built
-    for name, extra in RUNS:
-        if args.runs and name not in args.runs.split(","):
+    wanted = args.runs.split(",") if args.runs else [name for name, _ in RUNS]
+    for name, extra in RUNS + NAMED_RUNS:
+        if name not in wanted:
             continue
         steps = args.steps if name == "main" else args.ablation_steps
         cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(out / "model"), "--data",
@@ -525,6 +531,50 @@ def stage_loras(args):
         lines += [f"  {a} vs {b}: cosine {cos(a, b):.2f}, leave-one-out %d/%d" % loo((a, b)) for a, b in
                   [("zoom_in", "zoom_out"), ("pan_left", "pan_right"), ("pan_down", "pan_up")]]
         log(out, "loras", "\n".join(lines))
+
+
+# (category of the clips, the opposite category whose reference gives the "wrong" LoRA)
+LOSS_PAIRS = [("zoom_in", "zoom_out"), ("zoom_out", "zoom_in"), ("pan_right", "pan_left")]
+
+
+@torch.no_grad()
+def stage_loss(args):
+    """Does the training loss see what the probe sees? train.py's objective on 16 --data clips of each of
+    LOSS_PAIRS' categories, 8 draws of (t, noise) each, the same draws for every LoRA: no LoRA, the category's
+    oracle (stage_oracle's, if trained) and each --ckpt's LoRA from another clip of the same category (as train.py
+    pairs them) and from one of the opposite category. Reported: loss minus no LoRA's, x1000, overall and per
+    quarter of t (the first sampling steps, high t, lay out the motion)."""
+    import hypernet
+    import lightlora
+    out, mdir = Path(args.out), Path(args.out) / "model"
+    vae, dit = vae_lib.load_vae(mdir / "vae"), model.load_dit(mdir / "transformer")
+    S, A = latent_set(args, out / "data" / args.data, vae), diffusion.alphas_cumprod(SCHED_CFG).float()
+    rows = {c: torch.tensor([j for j, k in enumerate(S["cats"]) if k == c]) for pair in LOSS_PAIRS for c in pair}
+    v2ls = {ck: hypernet.load(ck, dit)[0].eval() for ck in args.ckpt.split(",")}
+    ref = lambda c, n: (S["mean"][rows[c][(torch.arange(n) + 1) % len(rows[c])]] * vae.config.scaling_factor
+                        ).transpose(1, 2)  # another clip of c for each target: VAE -> DiT layout
+    lines = []
+    for cat, other in LOSS_PAIRS:
+        loras = {"none": None}
+        if (out / "oracle" / f"{cat}.safetensors").exists():
+            loras[f"oracle {cat}"] = lightlora.load_native(out / "oracle" / f"{cat}.safetensors")
+        for ck, v2l in v2ls.items():
+            loras.update({f"{ck} <- {cat}": v2l(ref(cat, 16)), f"{ck} <- {other}": v2l(ref(other, 16))})
+        loss = {}
+        for name, lora in loras.items():
+            g, ls, ts = torch.Generator().manual_seed(7), [], []
+            for _ in range(8):
+                x, text, t, v = dit_batch(S, rows[cat][:16], A, vae.config, dit.config, g, S["empty"], p_drop=0.0)
+                ls.append(((dit(x, text, t, lora=lora) - v) ** 2).mean((1, 2, 3, 4)))
+                ts.append(t)
+            loss[name], t = torch.cat(ls), torch.cat(ts)
+        quarters = [(t >= q) & (t < q + len(A) // 4) for q in range(0, len(A), len(A) // 4)]
+        lines.append(f"{cat} clips (no LoRA: {loss['none'].mean():.4f}; samples per quarter of t: "
+                     f"{[int(q.sum()) for q in quarters]}):")
+        for name, l in loss.items():
+            d = (l - loss["none"]) * 1000
+            lines.append(f"  {name}: {d.mean():+.2f} (by t: " + ", ".join(f"{d[q].mean():+.2f}" for q in quarters) + ")")
+    log(out, "loss", "loss - no LoRA's, x1000:\n" + "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------- oracle
@@ -665,7 +715,7 @@ def conditions(args):
         at = hyp / "main" / f"ckpt-{args.ablation_steps:06d}.safetensors"
         if at.is_file() and at != last("main")[-1]:  # ablations shorter than the main run
             c[K4] = ("v2l", at)
-    for run in ("k1", "k2", "ab16x8"):
+    for run in ABLATIONS:
         if last(run):
             c[run] = ("v2l", last(run)[-1])
     if (out / "oracle").is_dir():
@@ -759,7 +809,7 @@ KIND = {**{c: "camera motion" for c in ("zoom_in", "zoom_out", "pan_left", "pan_
 MEASURED = ["pan_left", "pan_right", "pan_down", "pan_up", "zoom_in", "zoom_out", "fade_black", "fade_white"]
 # (a, b): paired PSNR difference a - b, over the eval pairs both conditions have; an ablation is compared with
 # the main run at its own step count
-DIFFS = [("video2lora", "base"), ("oracle", "video2lora"), (K4, "base")] + [(r, K4) for r in ("k1", "k2", "ab16x8")]
+DIFFS = [("video2lora", "base"), ("oracle", "video2lora"), (K4, "base")] + [(r, K4) for r in ABLATIONS]
 
 
 def mean_se(xs):
@@ -914,24 +964,24 @@ def stage_export(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="toy-scale end-to-end Video2LoRA run")
-    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe", "loras", "cli"])
+    p.add_argument("stage", choices=["data", "vae", "text", "dit", "hyper", "oracle", "clf", "gen", "eval", "export", "probe", "loras", "loss", "cli"])
     p.add_argument("--out", default=str(ROOT / "toy"))
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of a training stage")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=400, help="hyper: main run steps; oracle: steps per category")
     p.add_argument("--ablation-steps", type=int, default=200)
-    p.add_argument("--runs", default="", help="hyper: comma-separated run names; oracle, probe: categories")
+    p.add_argument("--runs", default="", help="hyper: comma-separated run names (default: main,k1,k2,ab16x8; r4 only when named); oracle, probe: categories")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--hypernet", default="toy", help="hyper: hypernet.py preset")
-    p.add_argument("--data", default="hyper", help="hyper: the training clips, a folder under <out>/data")
+    p.add_argument("--data", default="hyper", help="hyper, loss: the training clips, a folder under <out>/data")
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model; hyper: train.py --resume")
     p.add_argument("--cosine", action="store_true", help="hyper: train.py --cosine")
     p.add_argument("--init", help="hyper: start the runs from this hypernetwork checkpoint's weights (step 0)")
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
-    p.add_argument("--ckpt", default="base", help="probe, cli: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
+    p.add_argument("--ckpt", default="base", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (hyper: per train.py run; 1: processes run side by side)")
     p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "

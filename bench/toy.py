@@ -8,6 +8,7 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))
     python bench/toy.py probe --ckpt base,oracle,CKPT  # motion probe: pans, zooms, fade on held-out images
     python bench/toy.py loras --ckpt CKPT  # how far apart the hypernetwork's LoRAs for the probe's categories are
+    python bench/toy.py loss --ckpt CKPT   # train.py's loss on zoom and pan clips under each LoRA and the oracle's
     python bench/toy.py oracle   # a classic rank-r LoRA per category, trained on that category alone
     python bench/toy.py clf      # the effect classifier (3-D conv net on real clips)
     python bench/toy.py gen --runs base   # eval's generation for some conditions (run several at once)
@@ -553,21 +554,20 @@ def stage_loss(args):
     v2ls = {ck: hypernet.load(ck, dit)[0].eval() for ck in args.ckpt.split(",")}
     ref = lambda c, n: (S["mean"][rows[c][(torch.arange(n) + 1) % len(rows[c])]] * vae.config.scaling_factor
                         ).transpose(1, 2)  # another clip of c for each target: VAE -> DiT layout
-    lines = []
+    lines, n = [], 16
     for cat, other in LOSS_PAIRS:
         loras = {"none": None}
         if (out / "oracle" / f"{cat}.safetensors").exists():
             loras[f"oracle {cat}"] = lightlora.load_native(out / "oracle" / f"{cat}.safetensors")
         for ck, v2l in v2ls.items():
-            loras.update({f"{ck} <- {cat}": v2l(ref(cat, 16)), f"{ck} <- {other}": v2l(ref(other, 16))})
-        loss = {}
-        for name, lora in loras.items():
-            g, ls, ts = torch.Generator().manual_seed(7), [], []
-            for _ in range(8):
-                x, text, t, v = dit_batch(S, rows[cat][:16], A, vae.config, dit.config, g, S["empty"], p_drop=0.0)
-                ls.append(((dit(x, text, t, lora=lora) - v) ** 2).mean((1, 2, 3, 4)))
-                ts.append(t)
-            loss[name], t = torch.cat(ls), torch.cat(ts)
+            loras.update({f"{ck} <- {cat}": v2l(ref(cat, n)), f"{ck} <- {other}": v2l(ref(other, n))})
+        g = torch.Generator().manual_seed(7)
+        batches = [dit_batch(S, rows[cat][:n], A, vae.config, dit.config, g, S["empty"], p_drop=0.0) for _ in range(8)]
+        t = torch.cat([b[2] for b in batches])
+
+        def per_sample(lora):  # the same draws for every LoRA
+            return torch.cat([((dit(x, text, tb, lora=lora) - v) ** 2).mean((1, 2, 3, 4)) for x, text, tb, v in batches])
+        loss = {name: per_sample(lora) for name, lora in loras.items()}
         quarters = [(t >= q) & (t < q + len(A) // 4) for q in range(0, len(A), len(A) // 4)]
         lines.append(f"{cat} clips (no LoRA: {loss['none'].mean():.4f}; samples per quarter of t: "
                      f"{[int(q.sum()) for q in quarters]}):")

@@ -14,7 +14,7 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py gen --runs base   # eval's generation for some conditions (run several at once)
     python bench/toy.py eval     # generates what is missing, scores it -> <out>/table.md (bench/RESULTS.md)
     python bench/toy.py cli --ckpt base,CKPT  # the shipped references at sample.py's settings, 8 held-out images
-    python bench/toy.py export   # the shipped default: assets/ (model folder, hypernet, ref.mp4, img.png, strip.png)
+    python bench/toy.py export   # the shipped default: assets/ (model, hypernet: --ckpt or main's, refs, img.png, strips)
 
 The exact commands and flags of the reported run, with times and results, are in bench/RESULTS.md.
 --size 128 runs a stage on 128x128 frames (16x16 latents): `dit --resume --size 128` moves the 64x64 DiT to it,
@@ -364,8 +364,8 @@ ABLATIONS = [name for name, _ in RUNS + NAMED_RUNS if name != "main"]
 def init_run(ckpt, run, mdir, extra):
     """Starts a train.py run from another run's weights (another frame size: the hypernetwork reads any grid)
     as its step 0: warmup and schedule from the start, fresh AdamW state. A --k in `extra` sets the refinement
-    passes (the passes share their weights, so the same weights serve any k); an --a/--b or --r takes the trunk
-    only."""
+    passes (the passes share their weights, so the same weights serve any k); an --a/--b or --r other than the
+    checkpoint's takes the trunk only (the same ones: a continuation, every weight taken)."""
     import dataclasses
     import hypernet
     if hypernet.checkpoints(run):  # begun: --resume goes on from its own newest checkpoint
@@ -375,9 +375,9 @@ def init_run(ckpt, run, mdir, extra):
     if "--k" in extra:
         k = int(extra[extra.index("--k") + 1])
         v2l.hypernet.cfg, meta["args"] = dataclasses.replace(v2l.hypernet.cfg, iters=k), dict(meta["args"], k=k)
-    if "--a" in extra or "--r" in extra:  # the trunk is taken, the heads and aux factors (sized a, b, r) start fresh
-        arg = lambda k, default: int(extra[extra.index(k) + 1]) if k in extra else default
-        a, b, r = arg("--a", v2l.lora.a), arg("--b", v2l.lora.b), arg("--r", v2l.lora.r)
+    arg = lambda k, default: int(extra[extra.index(k) + 1]) if k in extra else default
+    a, b, r = arg("--a", v2l.lora.a), arg("--b", v2l.lora.b), arg("--r", v2l.lora.r)
+    if (a, b, r) != (v2l.lora.a, v2l.lora.b, v2l.lora.r):  # the trunk is taken, the heads and aux factors start fresh
         trunk = {n: w for n, w in v2l.hypernet.state_dict().items() if not n.startswith(("head_A.", "head_B."))}
         torch.manual_seed(0)
         v2l, meta["args"] = hypernet.Video2LoRA(dit, v2l.hypernet.cfg, a, b, r), dict(meta["args"], a=a, b=b, r=r)
@@ -938,7 +938,7 @@ def stage_export(args):
         shutil.rmtree(assets / sub, ignore_errors=True)
         shutil.copytree(out / "model" / sub, assets / sub)
     shutil.copy(out / "model/model_index.json", assets / "model_index.json")
-    ckpt = sorted((out / "hyper/main").glob("ckpt-*.safetensors"))[-1]
+    ckpt = args.ckpt if args.ckpt != "base" else sorted((out / "hyper/main").glob("ckpt-*.safetensors"))[-1]
     v2l, meta = hypernet.load(ckpt, model.load_dit(assets / "transformer"))
     hypernet.save(assets / "hypernet.safetensors", v2l, meta={k: meta[k] for k in ("step", "samples", "args")})  # no optimizer
     image = effects.make_image(IMG_SEED, SIZE, SIZE)
@@ -981,7 +981,8 @@ def main(argv=None):
     p.add_argument("--init", help="hyper: start the runs from this hypernetwork checkpoint's weights (step 0)")
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
-    p.add_argument("--ckpt", default="base", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; base (no LoRA), oracle")
+    p.add_argument("--ckpt", default="base", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; "
+                   "base (no LoRA), oracle; export: the one to ship (default: hyper/main's newest)")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (hyper: per train.py run; 1: processes run side by side)")
     p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "

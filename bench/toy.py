@@ -372,10 +372,10 @@ def init_run(ckpt, run, mdir, extra):
         return
     dit = model.load_dit(mdir / "transformer")
     v2l, meta = hypernet.load(ckpt, dit)
+    arg = lambda flag, default: int(extra[extra.index(flag) + 1]) if flag in extra else default
     if "--k" in extra:
-        k = int(extra[extra.index("--k") + 1])
+        k = arg("--k", None)
         v2l.hypernet.cfg, meta["args"] = dataclasses.replace(v2l.hypernet.cfg, iters=k), dict(meta["args"], k=k)
-    arg = lambda k, default: int(extra[extra.index(k) + 1]) if k in extra else default
     a, b, r = arg("--a", v2l.lora.a), arg("--b", v2l.lora.b), arg("--r", v2l.lora.r)
     if (a, b, r) != (v2l.lora.a, v2l.lora.b, v2l.lora.r):  # the trunk is taken, the heads and aux factors start fresh
         trunk = {n: w for n, w in v2l.hypernet.state_dict().items() if not n.startswith(("head_A.", "head_B."))}

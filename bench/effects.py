@@ -45,7 +45,11 @@ EASES = {"linear": lambda t: t, "ease_in": lambda t: t * t, "ease_out": lambda t
 # The category stays in the dataset layout (root/<category>/) and in each clip's .json.
 CAPTIONS = ["a picture", "a video of a picture", "an animated image", "a short clip of an image",
             "a moving picture"]
-_PAN_ANGLE = {"pan_right": 0.0, "pan_down": 90.0, "pan_left": 180.0, "pan_up": 270.0}  # y points down
+_PAN_ANGLE = {"pan_right": 0.0, "pan_down": 90.0, "pan_left": 180.0, "pan_up": 270.0,  # y points down
+              "pan_down_right": 45.0, "pan_down_left": 135.0, "pan_up_left": 225.0, "pan_up_right": 315.0}
+# The diagonal pans are in no category list, so no training set has them: bench/toy.py's probe uses them as
+# zero-shot moves that lie between seen directions (down-*) or half in the unseen one (up-*).
+DIAGONALS = ["pan_down_right", "pan_down_left", "pan_up_left", "pan_up_right"]
 
 
 def _crc(s):
@@ -180,7 +184,7 @@ def _tidy(v):  # plain, short JSON-able numbers (the rounded values ARE the para
 def sample_params(category, seed):
     """Parameters of one clip of `category`, deterministic in (category, seed)."""
     if category not in _PARAMS:
-        raise ValueError(f"unknown effect category {category!r}; known: {CATEGORIES}")
+        raise ValueError(f"unknown effect category {category!r}; known: {CATEGORIES + DIAGONALS}")
     r = np.random.default_rng([seed, _crc(category)])
     return _tidy(dict(_PARAMS[category](r), ease=list(EASES)[int(r.integers(len(EASES)))]))
 
@@ -317,7 +321,7 @@ def _effect(img, c, p, s, t, x, y, A):
         return _melt(img, p, s, x, y, A)
     if c == "vignette_in":
         return _vignette(img, p, s, x, y, A)
-    raise ValueError(f"unknown effect category {c!r}; known: {CATEGORIES}")
+    raise ValueError(f"unknown effect category {c!r}; known: {CATEGORIES + DIAGONALS}")
 
 
 def apply_effect(image, category, params, frames=17):
@@ -602,7 +606,7 @@ def parse_args(argv=None):
         if name != "image":
             q.add_argument("--frames", type=int, default=17)
             q.add_argument("--fps", type=int, default=8)
-    sub.choices["clip"].add_argument("category", choices=CATEGORIES)
+    sub.choices["clip"].add_argument("category", choices=CATEGORIES + DIAGONALS)
     sub.choices["clip"].add_argument("--image-seed", type=int, default=0)
     sub.choices["clip"].add_argument("--image", help="use this picture instead of a procedural one")
     d = sub.choices["dataset"]

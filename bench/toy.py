@@ -321,7 +321,7 @@ def stage_dit(args):
     out, mdir = Path(args.out), Path(args.out) / "model"
     write_index(mdir)
     vae = vae_lib.load_vae(mdir / "vae")
-    S = latent_set(args, out / "data/train", vae)  # builds the cache.py cache on first use
+    S = latent_set(args, out / "data" / args.data, vae)  # builds the cache.py cache on first use
     A = diffusion.alphas_cumprod(SCHED_CFG).float()
     torch.manual_seed(0)
     cfg = model.DiTConfig(**DIT_CFG)
@@ -423,60 +423,80 @@ PROBE_CATS = ["pan_left", "pan_right", "pan_down", "pan_up", "zoom_in", "zoom_ou
 N_PROBE = 8  # clips per category; each reference goes on two other clips' images: 16 pairs
 
 
-def probe_pairs(out):
-    """(category, reference mp4, reference meta, target meta): test-split clips (held-out images; the first three
-    are the test set's), written on first use; each reference is put on the images of two other clips."""
-    root = Path(out) / "data" / "probe"
-    if not root.is_dir():
-        effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, 0, PROBE_CATS, "test")
+def probe_pairs(out, cats=PROBE_CATS):
+    """(category, reference mp4, reference meta, target meta, sampling seed): test-split clips (held-out images;
+    the first three are the test set's), a category's written on first use; each reference is put on the images
+    of two other clips. The seed is the pair's place among every probe category's pairs, so a category reads the
+    same whichever others are probed with it."""
+    root, order = Path(out) / "data" / "probe", PROBE_CATS + effects.DIAGONALS
+    missing = [c for c in cats if not (root / c).is_dir()]
+    if missing:
+        effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, 0, missing, "test")
     by = {}
     for c, p, m in clips_of(root):
         by.setdefault(c, []).append((p, m))
-    return [(c, by[c][i][0], by[c][i][1], by[c][(i + d) % N_PROBE][1])
-            for c in PROBE_CATS for i in range(N_PROBE) for d in (1, 3)]
+    return [(c, by[c][i][0], by[c][i][1], by[c][(i + d) % N_PROBE][1], (order.index(c) * N_PROBE + i) * 2 + k)
+            for c in cats for i in range(N_PROBE) for k, d in enumerate((1, 3))]
+
+
+def axis_amounts(clip, params):
+    """A diagonal pan's horizontal and vertical displacement (px, last frame vs first), each signed so the
+    reference's way is positive: does the output get the seen axis right and the unseen one too?"""
+    dy, dx = effects.estimate_shift(clip[0], clip[-1])
+    t = math.radians(params["angle"])
+    return math.copysign(1, math.cos(t)) * dx, math.copysign(1, math.sin(t)) * dy
 
 
 @torch.no_grad()
 def stage_probe(args):
     """The motion probe: for each --ckpt (hypernetwork checkpoints, comma-separated; "base" = no LoRA, "oracle" =
-    stage_oracle's classic LoRA per category), per
-    category the pairs whose output shows the reference's effect the right way (effects.effect_amount > 0), the
-    median amount and (its ratio to the median of the ground truth passed through the toy VAE)."""
+    stage_oracle's classic LoRA per category), per category the pairs whose output shows the reference's effect
+    the right way (effects.effect_amount > 0), the median amount and (its ratio to the median of the ground truth
+    passed through the toy VAE); each pair is sampled with --seeds seeds (pair seed + 1000 s), as many outcomes.
+    Diagonal pans also count the pairs right along each axis."""
     import hypernet
     import lightlora
-    out = Path(args.out)
+    out, S = Path(args.out), args.seeds
     pipe = sample.load(out / "model", torch.float32, "cpu")
-    cats = args.runs.split(",") if args.runs else PROBE_CATS
-    pairs, amounts = [q for q in probe_pairs(out) if q[0] in cats], {}
-    for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
+    pairs, amounts, axes = probe_pairs(out, args.runs.split(",") if args.runs else PROBE_CATS), {}, {}
+
+    def measure(name, v, cat, params, n=1):
+        amounts.setdefault(name, []).extend([effects.effect_amount(v, cat, params)] * n)
+        axes.setdefault(name, []).extend([axis_amounts(v, params) if cat in effects.DIAGONALS else None] * n)
+    for cat, ref, rmeta, tmeta, _ in pairs:
         gt = effects.apply_effect(effects.make_image(tmeta["image_seed"], SIZE, SIZE), cat, rmeta["params"], FRAMES)
         v = pipe.vae.decode(pipe.vae.encode(gt.transpose(0, 1)[None] * 2 - 1)[0])[0].transpose(0, 1) / 2 + 0.5
-        amounts.setdefault("ground truth through the VAE", []).append(effects.effect_amount(v.clamp(0, 1), cat,
-                                                                                            rmeta["params"]))
+        measure("ground truth through the VAE", v.clamp(0, 1), cat, rmeta["params"], S)
     for ck in args.ckpt.split(","):
         pipe.v2l = None if ck in ("base", "oracle") else hypernet.load(ck, pipe.dit)[0].eval()
-        t0, row = time.time(), amounts.setdefault(ck, [])
-        for j, (cat, ref, rmeta, tmeta) in enumerate(pairs):
+        t0 = time.time()
+        for cat, ref, rmeta, tmeta, seed in pairs:
             image = effects.make_image(tmeta["image_seed"], SIZE, SIZE)
             lora = None
             if pipe.v2l is not None:
                 lora = pipe.reference_lora((data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2)
             elif ck == "oracle":  # stage_oracle's LoRA of the category, the same for every reference
                 lora = lightlora.load_native(out / "oracle" / f"{cat}.safetensors")
-            v = pipe.generate(image, "", lora=lora, steps=args.gen_steps, guidance=1.0, seed=j)
-            row.append(effects.effect_amount(v, cat, rmeta["params"]))
-        log(out, "probe", f"{ck}: {len(pairs)} pairs in {time.time() - t0:.0f} s")
-    gt_med = {c: median(a for (k, *_), a in zip(pairs, amounts["ground truth through the VAE"]) if k == c)
-              for c in cats}
-    lines = ["| | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+            for s in range(S):
+                v = pipe.generate(image, "", lora=lora, steps=args.gen_steps, guidance=1.0, seed=seed + 1000 * s)
+                measure(ck, v, cat, rmeta["params"])
+        log(out, "probe", f"{ck}: {len(pairs)} pairs x {S} seeds in {time.time() - t0:.0f} s")
+    cats = [c for c, *_ in pairs for _ in range(S)]  # the category of each outcome
+    of = lambda row, c: [a for k, a in zip(cats, row) if k == c]
+    gt_med = {c: median(of(amounts["ground truth through the VAE"], c)) for c in dict.fromkeys(cats)}
+    lines = ["| | " + " | ".join(gt_med) + " |", "|---" * (len(gt_med) + 1) + "|"]
     for name, row in amounts.items():
         cells = []
-        for c in cats:
-            xs = [a for (k, *_), a in zip(pairs, row) if k == c]
+        for c in gt_med:
+            xs = of(row, c)
             cells.append(f"{sum(a > 0 for a in xs)}/{len(xs)}, {median(xs):+.2f} ({median(xs) / gt_med[c]:.2f})")
+            if c in effects.DIAGONALS:  # right way along each axis
+                xy = of(axes[name], c)
+                cells[-1] += f"; x {sum(a > 0 for a, _ in xy)}, y {sum(b > 0 for _, b in xy)}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "probe.md").write_text("\n".join(lines) + "\n")
-    (out / "probe.json").write_text(json.dumps({"pairs": [(c, r, t["image_seed"]) for c, r, _, t in pairs], **amounts}))
+    (out / "probe.json").write_text(json.dumps({"pairs": [(c, r, t["image_seed"], seed) for c, r, _, t, seed in pairs],
+                                                "seeds": S, **amounts}))
     log(out, "probe", "\n" + "\n".join(lines))
 
 
@@ -488,7 +508,7 @@ def stage_loras(args):
     import hypernet
     out, refs = Path(args.out), {}
     pipe = sample.load(out / "model", torch.float32, "cpu")
-    for cat, ref, _, _ in probe_pairs(out):  # each reference once, in order
+    for cat, ref, *_ in probe_pairs(out):  # each reference once, in order
         refs.setdefault(cat, {})[ref] = (data.read_video(ref, FRAMES, FPS, SIZE, SIZE) + 1) / 2  # [F,3,H,W]
     # Is the motion in the hypernetwork's input? A fixed readout of hypernet.correlation's volume (preset toy): the
     # soft-argmax offset per latent pixel (where its content was in the previous latent frame), its mean and its
@@ -938,7 +958,7 @@ def stage_export(args):
         shutil.rmtree(assets / sub, ignore_errors=True)
         shutil.copytree(out / "model" / sub, assets / sub)
     shutil.copy(out / "model/model_index.json", assets / "model_index.json")
-    ckpt = args.ckpt if args.ckpt != "base" else sorted((out / "hyper/main").glob("ckpt-*.safetensors"))[-1]
+    ckpt = args.ckpt or sorted((out / "hyper/main").glob("ckpt-*.safetensors"))[-1]
     v2l, meta = hypernet.load(ckpt, model.load_dit(assets / "transformer"))
     hypernet.save(assets / "hypernet.safetensors", v2l, meta={k: meta[k] for k in ("step", "samples", "args")})  # no optimizer
     image = effects.make_image(IMG_SEED, SIZE, SIZE)
@@ -971,23 +991,33 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=400, help="hyper: main run steps; oracle: steps per category")
     p.add_argument("--ablation-steps", type=int, default=200)
-    p.add_argument("--runs", default="", help="hyper: comma-separated run names (default: main,k1,k2,ab16x8; r4 only when named); oracle, probe: categories")
+    p.add_argument("--runs", default="", help="hyper: comma-separated run names (default: main,k1,k2,ab16x8; r4 only when named); oracle, probe: categories (probe: also effects.DIAGONALS, zero-shot)")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--hypernet", default="toy", help="hyper: hypernet.py preset")
-    p.add_argument("--data", default="hyper", help="hyper, loss: the training clips, a folder under <out>/data")
+    p.add_argument("--data", help="the training clips, a folder under <out>/data (dit: default train; hyper, "
+                   "loss: default hyper)")
     p.add_argument("--nproc", type=int, default=4, help="dit: hogwild worker processes")
     p.add_argument("--resume", action="store_true", help="vae, dit: continue from the saved model; hyper: train.py --resume")
     p.add_argument("--cosine", action="store_true", help="hyper: train.py --cosine")
     p.add_argument("--init", help="hyper: start the runs from this hypernetwork checkpoint's weights (step 0)")
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
-    p.add_argument("--ckpt", default="base", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; "
-                   "base (no LoRA), oracle; export: the one to ship (default: hyper/main's newest)")
+    p.add_argument("--seeds", type=int, default=1, help="probe: sampling seeds per pair")
+    p.add_argument("--ckpt", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; "
+                   "base (no LoRA, probe and cli's default), oracle; export: the one to ship (default: hyper/main's "
+                   "newest)")
     p.add_argument("--clf-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (hyper: per train.py run; 1: processes run side by side)")
     p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "
                    "a pretrained DiT to it")
     args = p.parse_args(argv)
+    if args.stage == "probe" and set(args.runs.split(",")) - {"", *PROBE_CATS, *effects.DIAGONALS}:
+        p.error(f"probe --runs takes categories among {PROBE_CATS + effects.DIAGONALS}, got {args.runs}")
+    args.data = args.data or ("train" if args.stage == "dit" else "hyper")
+    if args.ckpt is None and args.stage in ("loras", "loss"):
+        p.error(f"{args.stage} needs --ckpt: hypernetwork checkpoints, comma-separated")
+    if args.stage in ("probe", "cli"):
+        args.ckpt = args.ckpt or "base"
     set_size(args.size)
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)

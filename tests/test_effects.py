@@ -90,7 +90,7 @@ def test_motion_through_the_toy_vae():
     import vae as V
     vae = V.load_vae(ROOT / "assets/vae")
     ratios = []
-    for cat in ("pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out"):
+    for cat in ("pan_left", "pan_right", "pan_up", "pan_down", *E.DIAGONALS, "zoom_in", "zoom_out"):
         for i in range(3):
             image_seed, effect_seed = E.clip_seeds(cat, i, split="test")
             p = E.sample_params(cat, effect_seed)
@@ -119,7 +119,7 @@ def test_strong_zoom_through_the_toy_vae():
     assert abs(E.effect_amount(x, "zoom_in", p) / math.log(p["scale"]) - 1) < 0.05
 
 
-@pytest.mark.parametrize("category", ["pan_right", "pan_left", "pan_up", "pan_down"])
+@pytest.mark.parametrize("category", ["pan_right", "pan_left", "pan_up", "pan_down", *E.DIAGONALS])
 def test_pan_shift(category):
     for seed in range(4):
         p = E.sample_params(category, seed)

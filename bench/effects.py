@@ -576,8 +576,8 @@ def write_png(path, image):
 def main(args):
     torch.set_num_threads(1)  # many tiny ops: extra threads only add sync overhead (30x on a busy box)
     if args.cmd == "list":
-        for c in CATEGORIES:
-            print(f"{c:16s} {'heldout' if c in HELDOUT else 'seen'}")
+        for c in CATEGORIES + DIAGONALS:
+            print(f"{c:16s} {'heldout' if c in HELDOUT else 'probe-only' if c in DIAGONALS else 'seen'}")
     elif args.cmd == "image":
         write_png(args.out, make_image(args.seed, args.size, args.size))
     elif args.cmd == "clip":

@@ -207,6 +207,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "effects.py"), "list"], check=True,
                          capture_output=True, text=True).stdout
     assert out.split().count("heldout") == len(E.HELDOUT) and "dolly_zoom" in out
+    assert out.split().count("probe-only") == len(E.DIAGONALS)
     monkeypatch.chdir(tmp_path)  # the other commands in-process: a torch import per call is slow on 2 cores
     E.main(E.parse_args(["image", "--seed", "4", "--out", "img.png", "--size", "32"]))
     img = (data.read_image(tmp_path / "img.png", 32, 32) + 1) / 2

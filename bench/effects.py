@@ -50,6 +50,7 @@ _PAN_ANGLE = {"pan_right": 0.0, "pan_down": 90.0, "pan_left": 180.0, "pan_up": 2
 # The diagonal pans are in no category list, so no training set has them: bench/toy.py's probe uses them as
 # zero-shot moves that lie between seen directions (down-*) or half in the unseen one (up-*).
 DIAGONALS = ["pan_down_right", "pan_down_left", "pan_up_left", "pan_up_right"]
+KNOWN = CATEGORIES + DIAGONALS  # everything apply_effect renders
 
 
 def _crc(s):
@@ -184,7 +185,7 @@ def _tidy(v):  # plain, short JSON-able numbers (the rounded values ARE the para
 def sample_params(category, seed):
     """Parameters of one clip of `category`, deterministic in (category, seed)."""
     if category not in _PARAMS:
-        raise ValueError(f"unknown effect category {category!r}; known: {CATEGORIES + DIAGONALS}")
+        raise ValueError(f"unknown effect category {category!r}; known: {KNOWN}")
     r = np.random.default_rng([seed, _crc(category)])
     return _tidy(dict(_PARAMS[category](r), ease=list(EASES)[int(r.integers(len(EASES)))]))
 
@@ -321,7 +322,7 @@ def _effect(img, c, p, s, t, x, y, A):
         return _melt(img, p, s, x, y, A)
     if c == "vignette_in":
         return _vignette(img, p, s, x, y, A)
-    raise ValueError(f"unknown effect category {c!r}; known: {CATEGORIES + DIAGONALS}")
+    raise ValueError(f"unknown effect category {c!r}; known: {KNOWN}")
 
 
 def apply_effect(image, category, params, frames=17):
@@ -576,7 +577,7 @@ def write_png(path, image):
 def main(args):
     torch.set_num_threads(1)  # many tiny ops: extra threads only add sync overhead (30x on a busy box)
     if args.cmd == "list":
-        for c in CATEGORIES + DIAGONALS:
+        for c in KNOWN:
             print(f"{c:16s} {'heldout' if c in HELDOUT else 'probe-only' if c in DIAGONALS else 'seen'}")
     elif args.cmd == "image":
         write_png(args.out, make_image(args.seed, args.size, args.size))
@@ -606,7 +607,7 @@ def parse_args(argv=None):
         if name != "image":
             q.add_argument("--frames", type=int, default=17)
             q.add_argument("--fps", type=int, default=8)
-    sub.choices["clip"].add_argument("category", choices=CATEGORIES + DIAGONALS)
+    sub.choices["clip"].add_argument("category", choices=KNOWN)
     sub.choices["clip"].add_argument("--image-seed", type=int, default=0)
     sub.choices["clip"].add_argument("--image", help="use this picture instead of a procedural one")
     d = sub.choices["dataset"]

@@ -420,6 +420,7 @@ def stage_hyper(args):
 
 # ---------------------------------------------------------------------------------------------------- probe
 PROBE_CATS = ["pan_left", "pan_right", "pan_down", "pan_up", "zoom_in", "zoom_out", "fade_black"]
+PROBE_ALL = PROBE_CATS + effects.DIAGONALS  # what --runs may name; the order fixes each pair's sampling seed
 N_PROBE = 8  # clips per category; each reference goes on two other clips' images: 16 pairs
 
 
@@ -428,14 +429,14 @@ def probe_pairs(out, cats=PROBE_CATS):
     the first three are the test set's), a category's written on first use; each reference is put on the images
     of two other clips. The seed is the pair's place among every probe category's pairs, so a category reads the
     same whichever others are probed with it."""
-    root, order = Path(out) / "data" / "probe", PROBE_CATS + effects.DIAGONALS
+    root = Path(out) / "data" / "probe"
     missing = [c for c in cats if not (root / c).is_dir()]
     if missing:
         effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, 0, missing, "test")
     by = {}
     for c, p, m in clips_of(root):
         by.setdefault(c, []).append((p, m))
-    return [(c, by[c][i][0], by[c][i][1], by[c][(i + d) % N_PROBE][1], (order.index(c) * N_PROBE + i) * 2 + k)
+    return [(c, by[c][i][0], by[c][i][1], by[c][(i + d) % N_PROBE][1], (PROBE_ALL.index(c) * N_PROBE + i) * 2 + k)
             for c in cats for i in range(N_PROBE) for k, d in enumerate((1, 3))]
 
 
@@ -991,7 +992,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=400, help="hyper: main run steps; oracle: steps per category")
     p.add_argument("--ablation-steps", type=int, default=200)
-    p.add_argument("--runs", default="", help="hyper: comma-separated run names (default: main,k1,k2,ab16x8; r4 only when named); oracle, probe: categories (probe: also effects.DIAGONALS, zero-shot)")
+    p.add_argument("--runs", default="", help="hyper: comma-separated run names (default: main,k1,k2,ab16x8; r4 "
+                   "only when named); oracle, probe: categories (probe: also effects.DIAGONALS, zero-shot)")
     p.add_argument("--rank", type=int, default=4, help="oracle LoRA rank")
     p.add_argument("--hypernet", default="toy", help="hyper: hypernet.py preset")
     p.add_argument("--data", help="the training clips, a folder under <out>/data (dit: default train; hyper, "
@@ -1011,8 +1013,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=SIZE, help="frames' side in pixels (latents: /8); dit --resume moves "
                    "a pretrained DiT to it")
     args = p.parse_args(argv)
-    if args.stage == "probe" and set(args.runs.split(",")) - {"", *PROBE_CATS, *effects.DIAGONALS}:
-        p.error(f"probe --runs takes categories among {PROBE_CATS + effects.DIAGONALS}, got {args.runs}")
+    if args.stage == "probe" and set(args.runs.split(",")) - {"", *PROBE_ALL}:
+        p.error(f"probe --runs takes categories among {PROBE_ALL}, got {args.runs}")
     args.data = args.data or ("train" if args.stage == "dit" else "hyper")
     if args.ckpt is None and args.stage in ("loras", "loss"):
         p.error(f"{args.stage} needs --ckpt: hypernetwork checkpoints, comma-separated")

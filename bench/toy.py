@@ -61,6 +61,10 @@ N_MOTION, MOTION_SEEN, N_TUNE_REST = 64, ["zoom_in", "zoom_out", "pan_left", "pa
 # 560 clips the 128x128 hypernetwork panned but never faded; a fade-only set taught it in 500 steps, so the
 # fades were a data balance, not a limit (bench/RESULTS.md, "The fades at 128x128").
 MIXF_FADES = ["fade_black", "fade_white"]
+# "mixm", the shipped model's last stage: mixf with 128 more clips of each pan and zoom on new images (effects
+# seed 1), numbered on after motion's 64. On mixf the r = 4 model zoomed in on 77 % of the probe's outcomes, most
+# misses one reference it read as a zoom out; 5000 steps on mixm: 97 % (bench/RESULTS.md, "More move images").
+N_MORE, MORE = 128, ["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_down"]
 # the official VAE's shape, narrower and shallower (0.84 M params, ~1.3 s per step of 4 whole clips on 2 cores)
 VAE_CFG = dict(latent_channels=8, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
                sample_height=SIZE, sample_width=SIZE)
@@ -120,7 +124,8 @@ def load_clips(root):
 # ---------------------------------------------------------------------------------------------------- data
 def stage_data(args):
     out = Path(args.out) / "data"
-    w = lambda sub, n, cats, split: len(effects.write_dataset(out / sub, n, FRAMES, SIZE, SIZE, FPS, 0, cats, split))
+    w = lambda sub, n, cats, split, seed=0: len(effects.write_dataset(out / sub, n, FRAMES, SIZE, SIZE, FPS, seed, cats,
+                                                                       split))
     n1 = w("train", N_TRAIN, effects.SEEN, "train")
     n2 = w("train_heldout", N_TRAIN, effects.HELDOUT, "train")  # never seen by VAE/DiT/hypernet: oracle + classifier
     n3 = w("test", N_TEST, effects.CATEGORIES, "test")  # held-out images, every category
@@ -133,8 +138,22 @@ def stage_data(args):
         if not (out / "mixf" / cat).exists():
             (out / "mixf" / cat).symlink_to(Path("..") / "motion" / cat, target_is_directory=True)
     n7 = n6 + w("mixf", N_MOTION, MIXF_FADES, "train")
+    n8 = n7 + w("more", N_MORE, MORE, "train", seed=1)
+    for cat in MOTION_SEEN + MIXF_FADES:  # mixm: mixf's clips, MORE's file by file with more's after them
+        link = out / "mixm" / cat
+        link.parent.mkdir(exist_ok=True)
+        if cat not in MORE:
+            if not link.exists():
+                link.symlink_to(Path("..") / "mixf" / cat, target_is_directory=True)
+            continue
+        link.mkdir(exist_ok=True)
+        clips = sorted((out / "motion" / cat).glob("*.mp4")) + sorted((out / "more" / cat).glob("*.mp4"))
+        for i, v in enumerate(clips):
+            for ext in (".mp4", ".txt", ".json"):
+                if not (f := link / f"{i:04d}{ext}").exists():
+                    f.symlink_to(Path("../..") / v.parent.parent.name / cat / v.with_suffix(ext).name)
     log(args.out, "data", f"{n1} SEEN train clips, {n2} HELDOUT train clips (oracle/classifier), {n3} test clips, "
-                          f"{n4} + {n5} + {n6} + {n7} hypernetwork clips (hyper, tune, motion, mixf)")
+                          f"{n4} + {n5} + {n6} + {n7} + {n8} hypernetwork clips (hyper, tune, motion, mixf, mixm)")
 
 
 # ---------------------------------------------------------------------------------------------------- vae

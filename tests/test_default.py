@@ -25,8 +25,9 @@ REFS = json.loads((ASSETS / "refs.json").read_text())
 # units. Measured on the shipped model (bench/RESULTS.md, "The shipped default"); the floors sit at about half
 # the measured amounts: room for float noise across machines, none for a model that lost the effect (a dead
 # LoRA gives the base's numbers and fails both).
-# Measured on img.png (the r = 4 model): pan_down +33.0 px (base +0.9, reference +23.7), zoom_in log-scale +0.24
-# (base -0.01; the reference +0.66: the toy zooms in, by about a third of the reference), fade_black 0.93 (base 0.04).
+# Measured on img.png (the r = 4 model after its mixm stage): pan_down +33.2 px (base +0.9, reference +23.7), zoom_in
+# log-scale +0.25 (base -0.01; the reference +0.66: the toy zooms in, by about a third of the reference), fade_black
+# 0.92 (base 0.04).
 FLOORS = {"pan_down": (16.0, 16.0), "zoom_in": (0.12, 0.12), "fade_black": (0.45, 0.44)}
 
 

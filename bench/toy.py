@@ -133,24 +133,23 @@ def stage_data(args):
     n4 = w("hyper", N_MOTION, MOTION_SEEN, "train") + w("hyper", N_TRAIN, rest, "train")  # a superset of train
     n5 = w("tune", N_MOTION, MOTION_SEEN, "train") + w("tune", N_TUNE_REST, rest, "train")  # a subset of hyper
     n6 = w("motion", N_MOTION, MOTION_SEEN, "train")  # a subset of tune
+    def link_dir(link, target):  # a set's category folder as a relative link to another set's
+        link.parent.mkdir(exist_ok=True)
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
     for cat in MOTION_SEEN:  # mixf: motion's clips (linked, not written twice) + as many of each fade
-        (out / "mixf").mkdir(exist_ok=True)
-        if not (out / "mixf" / cat).exists():
-            (out / "mixf" / cat).symlink_to(Path("..") / "motion" / cat, target_is_directory=True)
+        link_dir(out / "mixf" / cat, Path("..") / "motion" / cat)
     n7 = n6 + w("mixf", N_MOTION, MIXF_FADES, "train")
     n8 = n7 + w("more", N_MORE, MORE, "train", seed=1)
-    for cat in MOTION_SEEN + MIXF_FADES:  # mixm: mixf's clips, MORE's file by file with more's after them
-        link = out / "mixm" / cat
-        link.parent.mkdir(exist_ok=True)
+    for cat in MOTION_SEEN + MIXF_FADES:  # mixm: mixf's clips; MORE's categories file by file, more's after them
         if cat not in MORE:
-            if not link.exists():
-                link.symlink_to(Path("..") / "mixf" / cat, target_is_directory=True)
-            continue
-        link.mkdir(exist_ok=True)
+            link_dir(out / "mixm" / cat, Path("..") / "mixf" / cat)
+    for cat in MORE:
+        (out / "mixm" / cat).mkdir(parents=True, exist_ok=True)
         clips = sorted((out / "motion" / cat).glob("*.mp4")) + sorted((out / "more" / cat).glob("*.mp4"))
         for i, v in enumerate(clips):
             for ext in (".mp4", ".txt", ".json"):
-                if not (f := link / f"{i:04d}{ext}").exists():
+                if not (f := out / "mixm" / cat / f"{i:04d}{ext}").exists():
                     f.symlink_to(Path("../..") / v.parent.parent.name / cat / v.with_suffix(ext).name)
     log(args.out, "data", f"{n1} SEEN train clips, {n2} HELDOUT train clips (oracle/classifier), {n3} test clips, "
                           f"{n4} + {n5} + {n6} + {n7} + {n8} hypernetwork clips (hyper, tune, motion, mixf, mixm)")

@@ -6,7 +6,7 @@ saved in the official CogVideoX folder layout, then the reproduction table. One 
     python bench/toy.py text     # sentencepiece tokenizer on the captions + random-init tiny T5 encoder
     python bench/toy.py dit      # tiny I2V DiT pretrained as a base model (v-prediction, first-frame condition)
     python bench/toy.py hyper    # Video2LoRA by train.py itself (main run + ablations: k=1,2,4, small (a,b))
-    python bench/toy.py probe --ckpt base,oracle,CKPT  # motion probe: pans, zooms, fade on held-out images
+    python bench/toy.py probe --ckpt base,oracle,CKPT  # motion probe: pans, zooms, fade on held-out images (--refs)
     python bench/toy.py loras --ckpt CKPT  # how far apart the hypernetwork's LoRAs for the probe's categories are
     python bench/toy.py loss --ckpt CKPT   # train.py's loss on zoom and pan clips under each LoRA and the oracle's
     python bench/toy.py oracle   # a classic rank-r LoRA per category, trained on that category alone
@@ -442,15 +442,16 @@ PROBE_ALL = PROBE_CATS + effects.DIAGONALS  # what --runs may name; the order fi
 N_PROBE = 8  # clips per category; each reference goes on two other clips' images: 16 pairs
 
 
-def probe_pairs(out, cats=PROBE_CATS):
+def probe_pairs(out, cats=PROBE_CATS, refs=0):
     """(category, reference mp4, reference meta, target meta, sampling seed): test-split clips (held-out images;
-    the first three are the test set's), a category's written on first use; each reference is put on the images
-    of two other clips. The seed is the pair's place among every probe category's pairs, so a category reads the
-    same whichever others are probed with it."""
-    root = Path(out) / "data" / "probe"
+    for refs = 0 the first three are the test set's), a category's written on first use; each reference is put on
+    the images of two other clips. refs is the clips' effects seed: set 0 is the one every model was chosen on,
+    others are fresh references and images to confirm on. The seed is the pair's place among every probe
+    category's pairs, so a category reads the same whichever others are probed with it."""
+    root = Path(out) / "data" / ("probe" if refs == 0 else f"probe{refs}")
     missing = [c for c in cats if not (root / c).is_dir()]
     if missing:
-        effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, 0, missing, "test")
+        effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, refs, missing, "test")
     by = {}
     for c, p, m in clips_of(root):
         by.setdefault(c, []).append((p, m))
@@ -477,7 +478,7 @@ def stage_probe(args):
     import lightlora
     out, S = Path(args.out), args.seeds
     pipe = sample.load(out / "model", torch.float32, "cpu")
-    pairs, amounts, axes = probe_pairs(out, args.runs.split(",") if args.runs else PROBE_CATS), {}, {}
+    pairs, amounts, axes = probe_pairs(out, args.runs.split(",") if args.runs else PROBE_CATS, args.refs), {}, {}
 
     def measure(name, v, cat, params, n=1):
         amounts.setdefault(name, []).extend([effects.effect_amount(v, cat, params)] * n)
@@ -1023,6 +1024,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=N_TEST * (N_TEST - 1), help="eval pairs per category")
     p.add_argument("--gen-steps", type=int, default=10, help="DDIM steps of an eval video")
     p.add_argument("--seeds", type=int, default=1, help="probe: sampling seeds per pair")
+    p.add_argument("--refs", type=int, default=0, help="probe: which set of references and images (the effects "
+                   "seed of its clips; 0 is the set models were chosen on, 2 a fresh one to confirm on)")
     p.add_argument("--ckpt", help="probe, loras, loss, cli: hypernetwork checkpoints, comma-separated; "
                    "base (no LoRA, probe and cli's default), oracle; export: the one to ship (default: hyper/main's "
                    "newest)")

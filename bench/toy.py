@@ -63,7 +63,9 @@ N_MOTION, MOTION_SEEN, N_TUNE_REST = 64, ["zoom_in", "zoom_out", "pan_left", "pa
 MIXF_FADES = ["fade_black", "fade_white"]
 # "mixm", the shipped model's last stage: mixf with 128 more clips of each pan and zoom on new images (effects
 # seed 1), numbered on after motion's 64. On mixf the r = 4 model zoomed in on 77 % of the probe's outcomes, most
-# misses one reference it read as a zoom out; 5000 steps on mixm: 97 % (bench/RESULTS.md, "More move images").
+# misses one reference it read as a zoom out; 5000 steps on mixm: 97 % on those references, 73 % on fresh ones
+# (probe --refs 2), where a classic LoRA per zoom does no better (bench/RESULTS.md, "More move images" and "A second
+# set of references").
 N_MORE, MORE = 128, ["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_down"]
 # the official VAE's shape, narrower and shallower (0.84 M params, ~1.3 s per step of 4 whole clips on 2 cores)
 VAE_CFG = dict(latent_channels=8, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,

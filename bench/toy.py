@@ -444,13 +444,18 @@ PROBE_ALL = PROBE_CATS + effects.DIAGONALS  # what --runs may name; the order fi
 N_PROBE = 8  # clips per category; each reference goes on two other clips' images: 16 pairs
 
 
+def probe_set(refs):
+    """The name of probe set `refs`: its clips' folder under <out>/data and its results' <out>/<name>.md, .json."""
+    return "probe" if refs == 0 else f"probe{refs}"
+
+
 def probe_pairs(out, cats=PROBE_CATS, refs=0):
     """(category, reference mp4, reference meta, target meta, sampling seed): test-split clips (held-out images;
     for refs = 0 the first three are the test set's), a category's written on first use; each reference is put on
     the images of two other clips. refs is the clips' effects seed: set 0 is the one every model was chosen on,
     others are fresh references and images to confirm on. The seed is the pair's place among every probe
     category's pairs, so a category reads the same whichever others are probed with it."""
-    root = Path(out) / "data" / ("probe" if refs == 0 else f"probe{refs}")
+    root = Path(out) / "data" / probe_set(refs)
     missing = [c for c in cats if not (root / c).is_dir()]
     if missing:
         effects.write_dataset(root, N_PROBE, FRAMES, SIZE, SIZE, FPS, refs, missing, "test")
@@ -516,9 +521,10 @@ def stage_probe(args):
                 xy = of(axes[name], c)
                 cells[-1] += f"; x {sum(a > 0 for a, _ in xy)}, y {sum(b > 0 for _, b in xy)}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (out / "probe.md").write_text("\n".join(lines) + "\n")
-    (out / "probe.json").write_text(json.dumps({"pairs": [(c, r, t["image_seed"], seed) for c, r, _, t, seed in pairs],
-                                                "seeds": S, **amounts}))
+    stem = probe_set(args.refs)  # one set's results do not overwrite another's
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"pairs": [(c, r, t["image_seed"], seed) for c, r, _, t, seed in pairs],
+                                                 "seeds": S, **amounts}))
     log(out, "probe", "\n" + "\n".join(lines))
 
 

@@ -164,7 +164,8 @@ def stage_data(args):
     w("ditm", N_MOTION + N_MORE, DITM_UP, "train", seed=1)  # and as many upward pans
     n9 = len(data.scan(out / "ditm"))
     log(args.out, "data", f"{n1} SEEN train clips, {n2} HELDOUT train clips (oracle/classifier), {n3} test clips, "
-                          f"{n4} + {n5} + {n6} + {n7} + {n8} hypernetwork clips (hyper, tune, motion, mixf, mixm), {n9} DiT clips (ditm)")
+                          f"{n4} + {n5} + {n6} + {n7} + {n8} hypernetwork clips (hyper, tune, motion, mixf, mixm), "
+                          f"{n9} DiT clips (ditm)")
 
 
 # ---------------------------------------------------------------------------------------------------- vae

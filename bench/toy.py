@@ -160,7 +160,7 @@ def stage_data(args):
                 if not (f := out / "mixm" / cat / f"{i:04d}{ext}").exists():
                     f.symlink_to(Path("../..") / v.parent.parent.name / cat / v.with_suffix(ext).name)
     for cat in effects.SEEN:  # ditm: the DiT's train set with mixm's moves and fades in place of train's 16
-        link_dir(out / "ditm" / cat, Path("..") / ("mixm" if (out / "mixm" / cat).is_dir() else "train") / cat)
+        link_dir(out / "ditm" / cat, Path("..") / ("mixm" if cat in MOTION_SEEN + MIXF_FADES else "train") / cat)
     w("ditm", N_MOTION + N_MORE, DITM_UP, "train", seed=1)  # and as many upward pans
     n9 = len(data.scan(out / "ditm"))
     log(args.out, "data", f"{n1} SEEN train clips, {n2} HELDOUT train clips (oracle/classifier), {n3} test clips, "

@@ -94,7 +94,7 @@ def run_blocks(dit, v, c, temb, rope, loras, attend=None, cache=None, group=None
 
 
 class Parallel:
-    """Ranks of a torchrun job laid out for one video: with CFG (guidance > 1) and an even world, ranks
+    """Ranks of a torchrun job laid out for one video: with CFG (guidance > 1 and a prompt) and an even world, ranks
     [0, W/2) run the unconditional branch and [W/2, W) the conditional one, each half sequence-parallel over
     its W/2 ranks; otherwise all W ranks are sequence-parallel. new_group is collective: every rank makes
     both layouts' groups at start, in the same order."""

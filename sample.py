@@ -151,11 +151,13 @@ class Pipeline:
         if ref is not None:
             lora = self.reference_lora(ref, lora_scale)
         g = torch.Generator().manual_seed(seed)  # one CPU generator, drawn in diffusers' order
-        cfg = guidance > 1
+        ids = self.tok(["", prompt], max_length=226)  # the negative prompt is empty; uncond first
+        # a prompt that tokenizes as the empty one makes both branches the same, and uncond + w * (cond - uncond)
+        # is then cond: one branch gives that video at half the DiT work
+        cfg = guidance > 1 and not torch.equal(ids[0], ids[1])
 
         with self._stage("text", self.t5):
-            ids = self.tok(["", prompt] if cfg else [prompt], max_length=226).to(dev)  # uncond first
-            text = self.t5(ids).to(dt)
+            text = self.t5((ids if cfg else ids[1:]).to(dev)).to(dt)
 
         with self._stage("image encode", self.vae):
             # diffusers stretches PIL images with Lanczos, tensors nearest; the CLI gives the exact size already
@@ -312,7 +314,8 @@ def cli():
     arg("--height", type=num(int, 16), help="multiple of 16 (default: the model's sample_height x 8)")
     arg("--width", type=num(int, 16), help="multiple of 16 (default: the model's sample_width x 8)")
     arg("--steps", type=num(int, 1, 1000), default=50, help="denoising steps")
-    arg("--guidance", type=num(float, 0), default=6.0, help="classifier-free guidance scale (<= 1: off)")
+    arg("--guidance", type=num(float, 0), default=6.0, help="classifier-free guidance scale (<= 1: off; with an "
+        "empty --prompt it cannot change the video, so the unconditional branch is not run)")
     arg("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")
     arg("--seed", type=num(int, 0, 2 ** 63 - 1), default=0, help="noise seed (the same seed gives diffusers' video)")
     arg("--scheduler", choices=["ddim", "dpm"], default="ddim", help="CogVideoX DDIM or DPM-Solver++(2M)")

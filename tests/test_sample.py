@@ -114,6 +114,23 @@ def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic)
     assert err <= 1e-4
 
 
+
+def test_empty_prompt_runs_one_branch(tiny_pipe_and_dir, ours, monkeypatch):
+    """With an empty prompt both CFG branches see the same input, so guidance cannot change the video: ours runs
+    the conditional branch alone (batch 1) and must still give the video diffusers makes with both branches."""
+    pipe, image = tiny_pipe_and_dir[0], _image()
+    ref = pipe(image=image, prompt="", num_frames=9, height=64, width=96, num_inference_steps=3, guidance_scale=6.0,
+               generator=torch.Generator().manual_seed(7), output_type="pt").frames[0]
+    batches, call = [], sample.fast.dit_call
+    counted = lambda dit, x, *a, **k: batches.append(x.shape[0]) or call(dit, x, *a, **k)  # noqa: E731
+    monkeypatch.setattr(sample.fast, "dit_call", counted)
+    out = ours.generate(image, "", frames=9, height=64, width=96, steps=3, guidance=6.0, seed=7)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    print(f"empty prompt, one branch: max rel err {err:.2e}")
+    assert batches == [1, 1, 1] and err <= 1e-4
+    ours.generate(image, "a cat runs", frames=9, height=64, width=96, steps=1, guidance=6.0, seed=7)
+    assert batches[-1] == 2  # a prompt keeps both branches
+
 def test_tiled_decode(tiny_model_dir, ours):
     """tile_vae reaches the decode: the pipeline's video is exactly VAE.decode(tile=True) of its
     latents, which tests/test_vae.py checks against diffusers' tiling. The fixture's VAE tiles

@@ -114,7 +114,6 @@ def test_pipeline_matches_diffusers(tiny_pipe_and_dir, ours, scheduler, dynamic)
     assert err <= 1e-4
 
 
-
 def test_empty_prompt_runs_one_branch(tiny_pipe_and_dir, ours, monkeypatch):
     """With an empty prompt both CFG branches see the same input, so guidance cannot change the video: ours runs
     the conditional branch alone (batch 1) and must still give the video diffusers makes with both branches."""
@@ -130,6 +129,7 @@ def test_empty_prompt_runs_one_branch(tiny_pipe_and_dir, ours, monkeypatch):
     assert batches == [1, 1, 1] and err <= 1e-4
     ours.generate(image, "a cat runs", frames=9, height=64, width=96, steps=1, guidance=6.0, seed=7)
     assert batches[-1] == 2  # a prompt keeps both branches
+
 
 def test_tiled_decode(tiny_model_dir, ours):
     """tile_vae reaches the decode: the pipeline's video is exactly VAE.decode(tile=True) of its

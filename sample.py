@@ -151,13 +151,13 @@ class Pipeline:
         if ref is not None:
             lora = self.reference_lora(ref, lora_scale)
         g = torch.Generator().manual_seed(seed)  # one CPU generator, drawn in diffusers' order
-        ids = self.tok(["", prompt], max_length=226)  # the negative prompt is empty; uncond first
-        # a prompt that tokenizes as the empty one makes both branches the same, and uncond + w * (cond - uncond)
-        # is then cond: one branch gives that video at half the DiT work
-        cfg = guidance > 1 and not torch.equal(ids[0], ids[1])
+        # the negative prompt is empty: with an empty prompt too both branches are the same, and
+        # uncond + w * (cond - uncond) is then cond, so one branch gives that video at half the DiT work
+        cfg = guidance > 1 and prompt != ""
 
         with self._stage("text", self.t5):
-            text = self.t5((ids if cfg else ids[1:]).to(dev)).to(dt)
+            ids = self.tok(["", prompt] if cfg else [prompt], max_length=226).to(dev)  # uncond first
+            text = self.t5(ids).to(dt)
 
         with self._stage("image encode", self.vae):
             # diffusers stretches PIL images with Lanczos, tensors nearest; the CLI gives the exact size already

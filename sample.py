@@ -151,9 +151,7 @@ class Pipeline:
         if ref is not None:
             lora = self.reference_lora(ref, lora_scale)
         g = torch.Generator().manual_seed(seed)  # one CPU generator, drawn in diffusers' order
-        # the negative prompt is empty: with an empty prompt too both branches are the same, and
-        # uncond + w * (cond - uncond) is then cond, so one branch gives that video at half the DiT work
-        cfg = guidance > 1 and prompt != ""
+        cfg = guidance > 1 and prompt != ""  # an empty prompt = the (empty) negative one: cond = uncond, a no-op
 
         with self._stage("text", self.t5):
             ids = self.tok(["", prompt] if cfg else [prompt], max_length=226).to(dev)  # uncond first
@@ -314,8 +312,7 @@ def cli():
     arg("--height", type=num(int, 16), help="multiple of 16 (default: the model's sample_height x 8)")
     arg("--width", type=num(int, 16), help="multiple of 16 (default: the model's sample_width x 8)")
     arg("--steps", type=num(int, 1, 1000), default=50, help="denoising steps")
-    arg("--guidance", type=num(float, 0), default=6.0, help="classifier-free guidance scale (<= 1: off; with an "
-        "empty --prompt it cannot change the video, so the unconditional branch is not run)")
+    arg("--guidance", type=num(float, 0), default=6.0, help="classifier-free guidance scale (<= 1 or no --prompt: off)")
     arg("--dynamic-cfg", action="store_true", help="the official demo's cosine guidance schedule")
     arg("--seed", type=num(int, 0, 2 ** 63 - 1), default=0, help="noise seed (the same seed gives diffusers' video)")
     arg("--scheduler", choices=["ddim", "dpm"], default="ddim", help="CogVideoX DDIM or DPM-Solver++(2M)")
